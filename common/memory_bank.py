@@ -1,0 +1,103 @@
+"""Nearest-neighbour search over a bank of patch features, chunked so memory stays bounded.
+
+Two interchangeable backends: a torch matmul (any device, fp16 on CUDA) and faiss (CPU, exact flat index).
+Distances: `cosine` gives 1 - cos(q, m); `l2` gives the euclidean distance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("cosine", "l2")
+
+
+def _torch_knn(query: torch.Tensor, bank: torch.Tensor, k: int, metric: str, chunk_size: int):
+    dists, idxs = [], []
+    bank_sq = (bank * bank).sum(1) if metric == "l2" else None
+    for start in range(0, query.shape[0], chunk_size):
+        q = query[start : start + chunk_size]
+        sim = q @ bank.T  # (n, M)
+        if metric == "cosine":
+            val, idx = sim.topk(k, dim=1, largest=True)
+            dists.append(1.0 - val)
+        else:
+            # ||q - m||^2 = |q|^2 + |m|^2 - 2 q.m, clamped at 0 before the root (rounding can go negative)
+            sq = (q * q).sum(1, keepdim=True) + bank_sq[None, :] - 2.0 * sim
+            val, idx = sq.topk(k, dim=1, largest=False)
+            dists.append(val.clamp_min(0).sqrt())
+        idxs.append(idx)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+def _faiss_knn(query: torch.Tensor, bank: torch.Tensor, k: int, metric: str):
+    import faiss  # imported lazily: optional at import time, required only for this backend
+
+    q = query.detach().float().cpu().contiguous().numpy()
+    b = bank.detach().float().cpu().contiguous().numpy()
+    index = faiss.IndexFlatIP(b.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(b.shape[1])
+    index.add(b)
+    val, idx = index.search(q, k)
+    val_t = torch.from_numpy(val).to(query.device)
+    dist = 1.0 - val_t if metric == "cosine" else val_t.clamp_min(0).sqrt()
+    return dist, torch.from_numpy(idx).to(query.device)
+
+
+def nearest_neighbors(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    metric: str = "cosine",
+    chunk_size: int = 4096,
+    backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k nearest bank rows for every query row.
+
+    Args:
+        query: (N, D) features.
+        bank: (M, D) reference features.
+        k: neighbours per query (k <= M).
+        metric: `cosine` (features are L2-normalised here) or `l2`.
+        chunk_size: queries per matmul; peak memory is about chunk_size * M similarities.
+        backend: `torch` or `faiss` (CPU only; falls back to torch for CUDA tensors).
+
+    Returns:
+        dist (N, k) ascending, idx (N, k) long indices into `bank`.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
+        raise ValueError(f"query {tuple(query.shape)} and bank {tuple(bank.shape)} must be (N, D) and (M, D)")
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k={k} must be between 1 and the bank size {bank.shape[0]}")
+    if metric == "cosine":
+        query, bank = F.normalize(query, dim=1), F.normalize(bank, dim=1)
+    if backend == "faiss" and query.device.type == "cpu":
+        return _faiss_knn(query, bank, k, metric)
+    if backend not in ("torch", "faiss"):
+        raise ValueError(f"unknown backend {backend!r}")
+    return _torch_knn(query, bank.to(query.dtype), k, metric, chunk_size)
+
+
+class MemoryBank(torch.nn.Module):
+    """A bank of reference features kept as a buffer, so it moves with `.to()` and lives in `state_dict`."""
+
+    def __init__(self, metric: str = "cosine", backend: str = "torch", chunk_size: int = 4096) -> None:
+        super().__init__()
+        self.metric, self.backend, self.chunk_size = metric, backend, chunk_size
+        self.register_buffer("features", torch.empty(0, 0), persistent=True)
+
+    def fit(self, features: torch.Tensor) -> "MemoryBank":
+        """Store (M, D) features (normalised once here for the cosine metric)."""
+        self.features = F.normalize(features, dim=1) if self.metric == "cosine" else features
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.numel() * self.features.element_size()
+
+    def search(self, query: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) queries -> dist (N, k), idx (N, k)."""
+        if self.features.numel() == 0:
+            raise RuntimeError("MemoryBank.search called before fit")
+        return nearest_neighbors(query, self.features, k, self.metric, self.chunk_size, self.backend)
