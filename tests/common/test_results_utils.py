@@ -1,0 +1,82 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from common.anomaly_map import gaussian_smooth, image_score_max, image_score_topk, upsample_map
+from common.results import METRIC_KEYS, build_results, format_table, write_results
+from common.utils import UserError, atomic_torch_save, atomic_write_text, cli_entry, parse_device
+
+
+def _results():
+    per_class = {
+        "a": {k: 0.5 for k in METRIC_KEYS},
+        "b": {**{k: 1.0 for k in METRIC_KEYS}, "pixel_auroc": None, "pixel_aupro": float("nan")},
+    }
+    return build_results("knn", "/data", 2, 0, "efficientnet_lite0", 256, per_class,
+                         {"a": ["a/train/good/1.png"], "b": []}, n_images=10, seconds_total=5.0)
+
+
+def test_results_schema_and_means():
+    r = _results()
+    assert set(r) >= {"method", "dataset_root", "k_shot", "seed", "backbone", "image_size", "win_mode",
+                      "per_class", "mean", "support", "timing"}
+    assert r["mean"]["image_auroc"] == pytest.approx(0.75)
+    assert r["mean"]["pixel_auroc"] == pytest.approx(0.5)  # b has none
+    assert r["per_class"]["b"]["pixel_aupro"] is None  # NaN becomes null
+    assert r["timing"]["seconds_per_image"] == pytest.approx(0.5)
+
+
+def test_write_results_and_table(tmp_path):
+    write_results(tmp_path, _results())
+    loaded = json.loads((tmp_path / "results.json").read_text())
+    assert loaded["per_class"]["a"]["image_auroc"] == 0.5
+    table = (tmp_path / "log.txt").read_text()
+    assert "| mean" in table and "50.0" in table and "auroc_px" in table
+    assert format_table(loaded).count("\n") == 4  # header, rule, 2 classes, mean: 5 lines
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "x.txt"
+    atomic_write_text(target, "old")
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        atomic_torch_save({"x": Boom()}, tmp_path / "x.txt")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["x.txt"]
+
+
+def test_cli_entry_turns_user_errors_into_exit_2(capsys):
+    @cli_entry
+    def main():
+        raise UserError("bad thing in file.png")
+
+    assert main() == 2
+    assert capsys.readouterr().err.strip() == "error: bad thing in file.png"
+
+
+def test_parse_device():
+    assert parse_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError):
+            parse_device("0")
+    with pytest.raises(UserError):
+        parse_device("tpu")
+
+
+def test_gaussian_matches_scipy_and_scores():
+    maps = torch.rand(3, 33, 40)
+    ref = np.stack([gaussian_filter(m, 4) for m in maps.numpy()])
+    assert np.abs(gaussian_smooth(maps).numpy() - ref).max() < 1e-5
+    m = torch.zeros(2, 10, 10)
+    m[0, 3, 3] = 5
+    assert image_score_max(m).tolist() == [5, 0]
+    assert image_score_topk(m, fraction=0.02).tolist() == [2.5, 0]
+    assert upsample_map(torch.rand(2, 1, 4, 4), 16).shape == (2, 16, 16)
