@@ -69,7 +69,7 @@ def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tupl
     out: dict[str, ClassResult] = {}
     total = 0.0
     for class_name in dataset.class_names:
-        indices = [i for i, item in enumerate(dataset.items) if item["cls_name"] == class_name]
+        indices = list(dataset.class_indices[class_name])
         support = sample_support(meta, class_name, cfg.k_shot, cfg.seed, draw=cfg.support_draw)
         start = time.perf_counter()
         support_images = load_images(cfg.dataset_root, support, cfg.image_size, cfg.mean, cfg.std).to(cfg.device)
