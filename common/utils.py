@@ -9,10 +9,11 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 EXIT_BAD_INPUT = 2
 
@@ -21,8 +22,15 @@ class UserError(Exception):
     """A problem with the user's input (paths, arguments, files). Printed as one line, exit code 2."""
 
 
+# torch and numpy are imported inside the functions that need them: the data/ generators use this module and
+# should start in a fraction of a second.
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) global generators."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -30,11 +38,13 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def parse_device(device: str | int | None) -> torch.device:
+def parse_device(device: str | int | None) -> "torch.device":
     """Map `cpu`, `0`, `cuda`, `cuda:1` (or None = best available) to a torch.device.
 
     A CUDA index on a machine without CUDA is a user error, not a silent fallback.
     """
+    import torch
+
     if device is None or str(device).strip() == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = str(device).strip().lower()
@@ -80,6 +90,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    import torch
+
     return _atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 
 
