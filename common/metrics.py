@@ -7,11 +7,11 @@ torch tensors (any device); scores are used as float32, labels and masks are bin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 # MVTec AD (Bergmann et al., IJCV 2021, Sec. 5.2): PRO is integrated up to a false-positive rate of 30%.
 AUPRO_FPR_LIMIT = 0.3
@@ -55,33 +55,6 @@ def _maps_and_masks(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
     return maps_np, masks_np
 
 
-def _ranking_metrics(scores: np.ndarray, labels: np.ndarray) -> tuple[float | None, float | None, float | None]:
-    """AUROC, AP and F1-max of flat float32 `scores` (M,) against flat bool `labels` (M,).
-
-    AUROC and AP are None unless both classes are present; F1-max is None when there is no positive.
-    One precision-recall curve serves both AP and F1-max (a second full sort would double the cost on
-    ~10M pixels).
-    """
-    n_pos = int(np.count_nonzero(labels))
-    if n_pos == 0:
-        return None, None, None
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    f1_max = _f1_max_from_curve(precision, recall)
-    if n_pos == labels.size:
-        return None, None, f1_max
-    auroc = float(roc_auc_score(labels, scores))
-    # Exactly sklearn's average_precision_score: sum over thresholds of (R_n - R_{n-1}) * P_n.
-    ap = float(-np.sum(np.diff(recall) * precision[:-1]))
-    return auroc, ap, f1_max
-
-
-def _f1_max_from_curve(precision: np.ndarray, recall: np.ndarray) -> float:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f1 = 2 * precision * recall / (precision + recall)
-    f1 = f1[np.isfinite(f1)]  # P + R = 0 at thresholds with no true positive
-    return float(f1.max()) if f1.size else 0.0
-
-
 def compute_f1_max(scores: Any, labels: Any) -> float:
     """Maximum F1 over all thresholds of the precision-recall curve (an oracle threshold, not a deployable F1).
 
@@ -99,11 +72,13 @@ def compute_f1_max(scores: Any, labels: Any) -> float:
     if not labels_np.any():
         raise ValueError("F1-max is undefined without a positive label")
     precision, recall, _ = precision_recall_curve(labels_np, _scores(scores).ravel())
-    return _f1_max_from_curve(precision, recall)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = 2 * precision * recall / (precision + recall)
+    return float(np.max(f1[np.isfinite(f1)]))  # P + R = 0 where no positive is caught; the last point is finite
 
 
 def compute_image_metrics(scores: Any, labels: Any) -> dict[str, float | None]:
-    """Image-level AUROC, AP and F1-max.
+    """Image-level AUROC, AP and F1-max (scikit-learn).
 
     Args:
         scores: (N,) image anomaly scores.
@@ -116,7 +91,74 @@ def compute_image_metrics(scores: Any, labels: Any) -> dict[str, float | None]:
     scores_np, labels_np = _scores(scores).ravel(), _binary(labels).ravel()
     if scores_np.shape != labels_np.shape:
         raise ValueError(f"scores {scores_np.shape} and labels {labels_np.shape} must have the same length")
-    return dict(zip(IMAGE_KEYS, _ranking_metrics(scores_np, labels_np), strict=True))
+    results: dict[str, float | None] = dict.fromkeys(IMAGE_KEYS)
+    n_pos = int(np.count_nonzero(labels_np))
+    if n_pos > 0:
+        results["image_f1_max"] = compute_f1_max(scores_np, labels_np)
+    if 0 < n_pos < labels_np.size:
+        results["image_auroc"] = float(roc_auc_score(labels_np, scores_np))
+        results["image_ap"] = float(average_precision_score(labels_np, scores_np))
+    return results
+
+
+class _PixelCurve(NamedTuple):
+    """Counts at every distinct threshold t, highest first; a pixel is predicted anomalous when score >= t."""
+
+    tp: np.ndarray  # (T,) int64, anomalous pixels predicted anomalous
+    fp: np.ndarray  # (T,) int64, normal pixels predicted anomalous
+    pro: np.ndarray  # (T,) float64, mean over GT regions of the fraction of the region predicted anomalous
+    n_pos: int
+    n_neg: int
+
+
+def _pixel_curve(maps: np.ndarray, masks: np.ndarray) -> _PixelCurve:
+    """One sort of all pixels gives the ROC, PR and PRO curves at every distinct threshold, with no loop.
+
+    Each anomalous pixel carries the weight 1 / (|region| * n_regions), so the cumulative sum of the weights
+    down the descending order is PRO; the last index of each run of tied scores is the point reached once
+    every pixel >= t is counted, whatever the order inside the run.
+    """
+    scores = maps.ravel()
+    if np.isnan(scores).any():
+        raise ValueError("maps contain NaN")
+    regions, n_regions = ndimage.label(masks, structure=_STRUCTURE_8)
+    regions = regions.ravel().astype(np.uint32)
+    region_sizes = np.bincount(regions, minlength=1)  # index 0 counts the normal pixels
+    weight = np.zeros(n_regions + 1, dtype=np.float64)
+    weight[1:] = 1.0 / (region_sizes[1:] * float(max(n_regions, 1)))
+
+    # Sort (score, region id) packed into one uint64 instead of an argsort: ~5x faster on 10M pixels.
+    # The float32 -> uint32 map preserves order (flip all bits of negatives, the sign bit of the others);
+    # adding +0.0 first turns -0.0 into 0.0 so that the two tie.
+    bits = (scores + np.float32(0.0)).view(np.uint32)
+    ordered = np.where(bits >> 31 != 0, ~bits, bits | np.uint32(0x80000000))
+    keys = (ordered.astype(np.uint64) << np.uint64(32)) | regions
+    del bits, ordered, regions
+    keys.sort()
+    keys = keys[::-1]  # descending score
+    sorted_scores = keys >> np.uint64(32)
+    last_of_run = np.flatnonzero(np.append(sorted_scores[1:] != sorted_scores[:-1], True))
+    del sorted_scores
+    sorted_regions = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    del keys
+    tp = np.cumsum(sorted_regions != 0)[last_of_run]
+    pro = np.cumsum(weight[sorted_regions])[last_of_run]
+    fp = last_of_run + 1 - tp
+    n_neg = int(region_sizes[0])
+    return _PixelCurve(tp, fp, np.clip(pro, 0.0, 1.0), scores.size - n_neg, n_neg)  # clip: weight round-off
+
+
+def _aupro_from_curve(curve: _PixelCurve, fpr_limit: float) -> float:
+    fpr = np.concatenate(([0.0], curve.fp / curve.n_neg))  # threshold above every score: nothing predicted
+    pro = np.concatenate(([0.0], curve.pro))
+    # fpr is non-decreasing and ends at 1, so the points up to fpr_limit are a prefix.
+    end = int(np.searchsorted(fpr, fpr_limit, side="right"))
+    x, y = fpr[:end], pro[:end]
+    if end < fpr.size and x[-1] < fpr_limit:  # interpolate the curve exactly at fpr_limit
+        y_limit = y[-1] + (pro[end] - y[-1]) * (fpr_limit - x[-1]) / (fpr[end] - x[-1])
+        x, y = np.append(x, fpr_limit), np.append(y, y_limit)
+    area = float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)))
+    return min(max(area / fpr_limit, 0.0), 1.0)
 
 
 def compute_aupro(maps: Any, masks: Any, fpr_limit: float = AUPRO_FPR_LIMIT) -> float | None:
@@ -125,15 +167,12 @@ def compute_aupro(maps: Any, masks: Any, fpr_limit: float = AUPRO_FPR_LIMIT) -> 
     Regions are the 8-connected components of each image's mask. At threshold t (a pixel is predicted
     anomalous when its score >= t), PRO(t) is the mean over all regions of all images of the fraction of the
     region's pixels predicted anomalous, and FPR(t) the fraction of all normal pixels (of all images)
-    predicted anomalous. PRO is integrated over FPR in [0, fpr_limit] with the trapezoid rule, the curve
-    being interpolated linearly at fpr_limit, then divided by fpr_limit so that a perfect map scores 1.
-
-    Every distinct score is a threshold, computed without a loop: each anomalous pixel carries the weight
-    1 / (|region| * n_regions), so after one descending sort the cumulative sums of the normal-pixel count
-    and of the weights are FPR and PRO; the last index of each run of tied scores gives the curve's points.
+    predicted anomalous. Every distinct score is a threshold. PRO is integrated over FPR in [0, fpr_limit]
+    with the trapezoid rule, the curve being interpolated linearly at fpr_limit, then divided by fpr_limit so
+    that a perfect map scores 1.
 
     Args:
-        maps: (N, H, W) anomaly maps.
+        maps: (N, H, W) anomaly maps (used as float32).
         masks: (N, H, W) (or (N, 1, H, W)) binary ground-truth masks.
         fpr_limit: upper integration limit on the FPR axis, in (0, 1].
 
@@ -142,61 +181,42 @@ def compute_aupro(maps: Any, masks: Any, fpr_limit: float = AUPRO_FPR_LIMIT) -> 
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    maps_np, masks_np = _maps_and_masks(maps, masks)
-    scores = maps_np.ravel()
-    if np.isnan(scores).any():
-        raise ValueError("maps contain NaN")
-    regions, n_regions = ndimage.label(masks_np, structure=_STRUCTURE_8)
-    regions = regions.ravel()
-    region_sizes = np.bincount(regions)  # index 0 counts the normal pixels
-    n_normal = int(region_sizes[0])
-    if n_regions == 0 or n_normal == 0:
+    curve = _pixel_curve(*_maps_and_masks(maps, masks))
+    if curve.n_pos == 0 or curve.n_neg == 0:
         return None
-    weight = np.zeros(n_regions + 1, dtype=np.float64)
-    weight[1:] = 1.0 / (region_sizes[1:] * float(n_regions))
-
-    order = np.argsort(scores)[::-1]  # descending; the order inside a tie does not matter (see below)
-    sorted_scores = scores[order]
-    sorted_regions = regions[order]
-    del order
-    # Keep the last index of each run of equal scores: the point reached once every pixel >= t is counted.
-    last_of_run = np.flatnonzero(np.append(sorted_scores[1:] != sorted_scores[:-1], True))
-    del sorted_scores
-    fpr = np.cumsum(sorted_regions == 0)[last_of_run] / n_normal
-    pro = np.cumsum(weight[sorted_regions])[last_of_run]
-    del sorted_regions
-    fpr = np.concatenate(([0.0], fpr))  # threshold above every score: nothing predicted anomalous
-    pro = np.concatenate(([0.0], np.clip(pro, 0.0, 1.0)))  # clip float round-off of the weight sum
-
-    # fpr is non-decreasing and ends at 1, so the points up to fpr_limit are a prefix.
-    end = int(np.searchsorted(fpr, fpr_limit, side="right"))
-    x, y = fpr[:end], pro[:end]
-    if end < fpr.size and x[-1] < fpr_limit:
-        y_limit = y[-1] + (pro[end] - y[-1]) * (fpr_limit - x[-1]) / (fpr[end] - x[-1])
-        x, y = np.append(x, fpr_limit), np.append(y, y_limit)
-    area = float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)))
-    return min(max(area / fpr_limit, 0.0), 1.0)
+    return _aupro_from_curve(curve, fpr_limit)
 
 
 def compute_pixel_metrics(maps: Any, masks: Any) -> dict[str, float | None]:
     """Pixel-level AUROC, AP and F1-max over all pixels of all images flattened, plus AUPRO.
 
+    All four come from one sort of the pixels (see `_pixel_curve`) and equal scikit-learn's roc_auc_score,
+    average_precision_score and the F1-max of precision_recall_curve (checked in the tests); ~10M pixels
+    take about a second and a few hundred MB.
+
     Args:
-        maps: (N, H, W) anomaly maps (float32 is enough; ~10M pixels fit in a few hundred MB).
+        maps: (N, H, W) anomaly maps (used as float32).
         masks: (N, H, W) (or (N, 1, H, W)) binary ground-truth masks.
 
     Returns:
-        {"pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"}; None where undefined (no anomalous or
-        no normal pixel), as in `compute_image_metrics`.
+        {"pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"}; None where undefined, as in
+        `compute_image_metrics`: all four without an anomalous pixel, all but F1-max without a normal one.
     """
-    maps_np, masks_np = _maps_and_masks(maps, masks)
-    auroc, ap, f1_max = _ranking_metrics(maps_np.ravel(), masks_np.ravel())
-    return {
-        "pixel_auroc": auroc,
-        "pixel_ap": ap,
-        "pixel_f1_max": f1_max,
-        "pixel_aupro": compute_aupro(maps_np, masks_np),
-    }
+    curve = _pixel_curve(*_maps_and_masks(maps, masks))
+    results: dict[str, float | None] = dict.fromkeys(PIXEL_KEYS)
+    if curve.n_pos == 0:
+        return results
+    # F1 = 2PR / (P + R) = 2 TP / (TP + FP + n_pos): the denominator is never 0 here.
+    results["pixel_f1_max"] = float(np.max(2 * curve.tp / (curve.tp + curve.fp + curve.n_pos)))
+    if curve.n_neg == 0:
+        return results
+    tpr = np.concatenate(([0.0], curve.tp / curve.n_pos))
+    fpr = np.concatenate(([0.0], curve.fp / curve.n_neg))
+    results["pixel_auroc"] = float(np.sum(0.5 * (tpr[1:] + tpr[:-1]) * np.diff(fpr)))
+    # sklearn's AP: sum over thresholds of (R_n - R_{n-1}) * P_n, with R_0 = 0.
+    results["pixel_ap"] = float(np.sum(np.diff(tpr) * (curve.tp / (curve.tp + curve.fp))))
+    results["pixel_aupro"] = _aupro_from_curve(curve, AUPRO_FPR_LIMIT)
+    return results
 
 
 def compute_metrics(
