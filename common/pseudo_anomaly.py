@@ -122,7 +122,9 @@ def _random_walk(
     return np.vstack([start[None], start[None] + np.cumsum(steps, axis=0)])
 
 
-def _render_scratch(image: np.ndarray, scale: float, rng: np.random.Generator, foreign: np.ndarray | None) -> np.ndarray:
+def _render_scratch(
+    image: np.ndarray, scale: float, rng: np.random.Generator, foreign: np.ndarray | None
+) -> np.ndarray:
     """A thin bright or dark polyline (scratch) or a branching zig-zag crack, 1-4 px wide."""
     h, w = image.shape[:2]
     side = min(h, w)
@@ -161,7 +163,7 @@ def _render_hole(image: np.ndarray, scale: float, rng: np.random.Generator, fore
     rim = float(np.clip(3.5 / r, 0.06, 0.3))  # shadow / glow width: about 3.5 px, relative to the radius
     if rng.random() < 0.75:  # dark hole: lit inner wall on one side, shadow cast outside on the other
         interior = rng.uniform(8, 40) + rng.uniform(10, 45) * np.clip(side, 0, 1) ** 2
-        interior = np.minimum(interior + rng.normal(0, 3, dist.shape), 0.6 * img.mean(axis=2))
+        interior = np.minimum(interior + rng.normal(0, 3, dist.shape), img.mean(axis=2) - 3.0)  # always darker
         su, sv = u + 0.5 * rim * math.cos(light), v + 0.5 * rim * math.sin(light)
         ring = np.exp(-(((np.sqrt(su * su + sv * sv) - 1.0) / rim) ** 2)) * (dist > 1.0)
         outside = img * (1.0 - rng.uniform(0.25, 0.55) * ring)[..., None]
@@ -222,7 +224,9 @@ def _render_cutpaste(
     return out
 
 
-def _render_foreign(image: np.ndarray, scale: float, rng: np.random.Generator, foreign: np.ndarray | None) -> np.ndarray:
+def _render_foreign(
+    image: np.ndarray, scale: float, rng: np.random.Generator, foreign: np.ndarray | None
+) -> np.ndarray:
     """An irregular patch of another texture (`foreign`, or this image rotated/flipped), shifted at random."""
     h, w = image.shape[:2]
     if foreign is None:
@@ -286,7 +290,7 @@ def synthesize_defect(
     _check_image(image)
     if kind not in _RENDERERS:
         raise ValueError(f"unknown defect kind '{kind}'; expected one of {', '.join(DEFECT_KINDS)}")
-    if foreign is not None and (foreign.dtype != np.uint8 or foreign.ndim not in (2, 3)):
+    if foreign is not None and (foreign.dtype != np.uint8 or foreign.shape[2:] not in ((), (3,))):
         raise ValueError(f"foreign must be a uint8 (h, w[, 3]) array, got {foreign.dtype} {foreign.shape}")
     grey = _is_grey(image)
     for _ in range(MAX_TRIES):

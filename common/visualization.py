@@ -85,6 +85,8 @@ def save_panel(
     gt_mask: np.ndarray | None = None,
     threshold: float | None = None,
     title: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
 ) -> Path:
     """Write one PNG: image | ground truth (if given) | heat-map overlay | (if threshold) outline of map > threshold.
 
@@ -94,10 +96,13 @@ def save_panel(
     Args:
         path: output .png path (parent folders are created).
         image: uint8 (H, W, 3) RGB.
-        anomaly_map: float (H, W); the overlay spans its own min..max.
+        anomaly_map: float (H, W) (resized bilinearly when its size differs).
         gt_mask: (H, W) bool or 0/1 or 0/255, shown white on black.
         threshold: draw the border of anomaly_map > threshold in red on the image.
         title: optional caption.
+        vmin: map value shown as blue in the overlay (default: this map's minimum). Pass a class-wide
+            vmin/vmax so that panels of one class share a colour scale.
+        vmax: map value shown as red (default: this map's maximum).
 
     Returns:
         The path written.
@@ -108,7 +113,7 @@ def save_panel(
     if gt_mask is not None:
         mask = _fit(gt_mask, size, nearest=True) > 0
         panels.append(np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=2))
-    panels.append(heatmap_overlay(image, anomaly_map))
+    panels.append(heatmap_overlay(image, anomaly_map, vmin=vmin, vmax=vmax))
     if threshold is not None:
         panels.append(_outline(image, _fit(anomaly_map, size, nearest=False) > threshold))
     canvas = np.concatenate(panels, axis=1)
