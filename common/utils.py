@@ -8,8 +8,9 @@ import os
 import random
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +39,7 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def parse_device(device: str | int | None) -> "torch.device":
+def parse_device(device: str | int | None) -> torch.device:
     """Map `cpu`, `0`, `cuda`, `cuda:1` (or None = best available) to a torch.device.
 
     A CUDA index on a machine without CUDA is a user error, not a silent fallback.

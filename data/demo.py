@@ -24,7 +24,7 @@ import argparse  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
-from typing import Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
