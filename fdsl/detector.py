@@ -1,0 +1,216 @@
+"""The FDSL few-shot detector: per-class banks in `setup`, FD -> ASL (-> NAM) maps and LFE windows in `predict`.
+
+It follows the `common.evaluation.Detector` protocol. Banks are built when a class starts and replaced at the next
+class, so memory does not grow with the number of classes (the original kept every class's window bank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.backbones import Backbone, align_features
+from fdsl.model import FDSLHead, feature_discrepancy, flatten_tokens, normalize_levels
+from fdsl.windows import WindowGeometry, encode_windows, stitch_windows
+
+WIN_MODES = ("nan", "mul", "onlywin")
+
+
+@dataclass
+class DetectorOptions:
+    """Test-time switches (names follow the original's flags; see fdsl/config.py for the CLI)."""
+
+    win_mode: str = "nan"  # nan = no LFE, mul = blend, onlywin = window branch only
+    win_weight: float = 0.5  # w: final = (1 - w) * main + w * windows (map and image score)
+    use_nam: bool = True  # keep the NAM outputs instead of the raw ASL maps (original useConvRes)
+    win_use_nam: bool = True  # NAM on the stitched window map (original winuseConvRes)
+    use_img_idx: bool = False  # image feature index memory bank for the windows (original useimgidx)
+    fd_weight: float = 0.0  # a: map = (1 - a) * ASL + a * mean_l(1 - max cos); 0 = the original code
+    signed: bool = False  # deviation f - n instead of |f - n| (original useAbs=0)
+    chunk_size: int = 4096  # query rows per similarity matmul
+    encode_batch: int = 32  # window crops per backbone call
+
+
+def _combine(asl: list[torch.Tensor], fd: list[torch.Tensor], fd_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer-mean map and image score of one branch.
+
+    Args:
+        asl: per level P(anomalous) maps (B, G, G).
+        fd: per level training-free maps 1 - max cos (B, G, G).
+        fd_weight: a in (1 - a) * ASL + a * FD.
+
+    Returns:
+        map (B, G, G) = mean over levels; score (B,) = mean over levels of each level map's maximum (original).
+    """
+    asl_t, fd_t = torch.stack(asl), torch.stack(fd)  # (L, B, G, G)
+    asl_map, asl_score = asl_t.mean(0), asl_t.flatten(2).amax(2).mean(0)
+    if fd_weight == 0:
+        return asl_map, asl_score
+    fd_map, fd_score = fd_t.mean(0), fd_t.flatten(2).amax(2).mean(0)
+    return (1 - fd_weight) * asl_map + fd_weight * fd_map, (1 - fd_weight) * asl_score + fd_weight * fd_score
+
+
+def indexed_discrepancy(
+    query: torch.Tensor, bank: torch.Tensor, choice: torch.Tensor, signed: bool, chunk: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FD for windows with the image feature index bank: each query window searches one reference window.
+
+    Args:
+        query: (N, C, t, t) normalised query-window features.
+        bank: (R, T, C) normalised reference-window tokens, T = t * t.
+        choice: (N,) index of the reference window picked for each query window (most similar pooled key).
+        signed: keep the sign of f - n.
+        chunk: query windows per batched matmul.
+
+    Returns:
+        deviation (N, C, t, t) and max_cos (N, t, t).
+    """
+    n, c, t, _ = query.shape
+    tokens = query.flatten(2).transpose(1, 2)  # (N, T, C)
+    devs, sims = [], []
+    for start in range(0, n, chunk):
+        q = tokens[start : start + chunk]
+        ref = bank.index_select(0, choice[start : start + chunk])  # (n, T, C)
+        sim = torch.bmm(q.to(ref.dtype), ref.transpose(1, 2))  # (n, T, T)
+        best, idx = sim.max(dim=2)
+        normal = torch.gather(ref, 1, idx[..., None].expand(-1, -1, c)).float()
+        devs.append(q - normal)
+        sims.append(best.float())
+    dev = torch.cat(devs)
+    dev = dev if signed else dev.abs()
+    return dev.transpose(1, 2).reshape(n, c, t, t), torch.cat(sims).reshape(n, t, t)
+
+
+class FDSLDetector:
+    """FD + ASL (+ NAM) on the main image and, optionally, on LFE windows.
+
+    Args:
+        backbone: frozen feature extractor (any `common.backbones` backbone).
+        head: trained FDSLHead whose level widths match `backbone.feature_info`.
+        opts: test-time options.
+        geometry: window geometry (required unless win_mode is `nan`).
+        window_support_fn: class name -> (k, 3, S, S) images for the window bank. None = the support of
+            `setup` (one draw for both banks); the `--legacy-second-draw` flag passes the original's second draw.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: FDSLHead,
+        opts: DetectorOptions,
+        geometry: WindowGeometry | None = None,
+        window_support_fn: Callable[[str], torch.Tensor] | None = None,
+    ) -> None:
+        if opts.win_mode not in WIN_MODES:
+            raise ValueError(f"win_mode must be one of {WIN_MODES}, got {opts.win_mode!r}")
+        if opts.win_mode != "nan" and geometry is None:
+            raise ValueError("a window geometry is needed when win_mode is not 'nan'")
+        self.backbone, self.head, self.opts, self.geometry = backbone, head.eval(), opts, geometry
+        self.window_support_fn = window_support_fn
+        device = next(head.parameters()).device
+        self.bank_dtype = torch.float16 if device.type == "cuda" else torch.float32  # fp16 banks on GPU
+        self.bank: list[torch.Tensor] = []
+        self.win_bank: list[torch.Tensor] = []
+        self.win_keys: torch.Tensor | None = None
+        self.memory: dict[str, int] = {}
+
+    @property
+    def uses_windows(self) -> bool:
+        return self.opts.win_mode != "nan"
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, S, S) -> per-level normalised features (B, C_l, G, G) on the finest level's grid."""
+        features = []
+        for start in range(0, images.shape[0], self.opts.encode_batch):
+            out = self.backbone(images[start : start + self.opts.encode_batch])
+            features.append(normalize_levels(align_features(out.features)))
+        return [torch.cat([f[i] for f in features]) for i in range(len(features[0]))]
+
+    @torch.inference_mode()
+    def setup(self, class_name: str, support_images: torch.Tensor) -> None:
+        """Build this class's banks from the k support images (k, 3, S, S); the previous class's are dropped."""
+        self.bank, self.win_bank, self.win_keys = [], [], None  # free the previous class first
+        self.bank = [flatten_tokens(f).to(self.bank_dtype) for f in self.encode(support_images)]  # M_l: (k*G*G, C)
+        if self.uses_windows:
+            images = support_images if self.window_support_fn is None else self.window_support_fn(class_name)
+            feats, keys = encode_windows(
+                self.backbone, images.to(support_images.device), self.geometry, self.opts.encode_batch
+            )
+            if self.opts.use_img_idx:  # keep windows separate: (k*nW, T, C), searched one window at a time
+                self.win_bank = [f.flatten(2).transpose(1, 2).to(self.bank_dtype).contiguous() for f in feats]
+                self.win_keys = keys.to(self.bank_dtype)
+            else:  # all windows of all references pooled (original usewinmem=1)
+                self.win_bank = [flatten_tokens(f).to(self.bank_dtype) for f in feats]
+        self.memory = self._memory_report()
+
+    def _memory_report(self) -> dict[str, int]:
+        """Stored bank bytes and the bytes one query window searches (what the index bank reduces)."""
+
+        def nbytes(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        report = {"main_bank_bytes": nbytes(self.bank)}
+        if self.uses_windows:
+            report["window_bank_bytes"] = nbytes(self.win_bank)
+            report["window_key_bytes"] = nbytes([self.win_keys]) if self.win_keys is not None else 0
+            per_window = nbytes([b[0] for b in self.win_bank]) if self.opts.use_img_idx else nbytes(self.win_bank)
+            report["window_searched_bytes"] = per_window
+        return report
+
+    def _main_branch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FD -> ASL (-> NAM) on the whole image: map (B, G, G), score (B,)."""
+        deviations, fd_maps = [], []
+        for feat, bank in zip(self.encode(images), self.bank):
+            dev, max_cos = feature_discrepancy(feat, bank, self.opts.signed, self.opts.chunk_size)
+            deviations.append(dev)
+            fd_maps.append(1.0 - max_cos)
+        asl = self.head.score_maps(deviations, self.opts.use_nam)
+        return _combine(asl, fd_maps, self.opts.fd_weight)
+
+    def _window_branch(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LFE on one image (1, 3, S, S): window FD -> ASL -> stitch (-> NAM). map (1, G, G), score (1,)."""
+        geom = self.geometry
+        feats, keys = encode_windows(self.backbone, image, geom, self.opts.encode_batch)
+        choice = None
+        if self.opts.use_img_idx:  # each query window -> its most similar reference window (pooled key)
+            choice = (keys.to(self.win_keys.dtype) @ self.win_keys.T).argmax(dim=1)
+        asl_maps, fd_maps = [], []
+        for level, (feat, bank) in enumerate(zip(feats, self.win_bank)):
+            if choice is None:
+                dev, max_cos = feature_discrepancy(feat, bank, self.opts.signed, self.opts.chunk_size)
+            else:
+                dev, max_cos = indexed_discrepancy(feat, bank, choice, self.opts.signed)
+            prob = self.head.asl[level](dev)[:, 1]  # raw window ASL map (nW, t, t); the checkpoint's weights
+            asl_map = stitch_windows(self._to_win(prob), geom)
+            if self.opts.win_use_nam and self.opts.use_nam:
+                asl_map = self.head.refine(asl_map)  # NAM on the stitched [1 - a, a] map (fdsl.md section 5)
+            asl_maps.append(asl_map)
+            fd_maps.append(stitch_windows(self._to_win(1.0 - max_cos), geom))
+        return _combine(asl_maps, fd_maps, self.opts.fd_weight)
+
+    def _to_win(self, maps: torch.Tensor) -> torch.Tensor:
+        """(N, t, t) window maps at the encoded resolution -> (N, win, win) (zoomed windows are resized back)."""
+        win = self.geometry.win
+        if maps.shape[-1] == win:
+            return maps
+        return F.interpolate(maps[:, None], size=(win, win), mode="bilinear", align_corners=False)[:, 0]
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) normalised images -> pred_score (B,), anomaly_map (B, G, G) on the finest feature grid."""
+        if not self.bank:
+            raise RuntimeError("FDSLDetector.predict called before setup")
+        mode, w = self.opts.win_mode, self.opts.win_weight
+        if mode != "onlywin":
+            main_map, main_score = self._main_branch(images)
+            if mode == "nan":
+                return main_score, main_map
+        # LFE one image at a time: B * n_windows crops at once would not fit for ViT-L (169 windows per image).
+        parts = [self._window_branch(images[i : i + 1]) for i in range(images.shape[0])]
+        win_map, win_score = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if mode == "onlywin":
+            return win_score, win_map
+        return (1 - w) * main_score + w * win_score, (1 - w) * main_map + w * win_map  # winmode mul

@@ -1,0 +1,271 @@
+"""FDSL end to end on tiny synthetic trees: train -> test through the CLIs and the shell drivers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.backbones import TINY_VIT
+from data.meta import scan_mvtec_layout, write_meta
+from fdsl import test as fdsl_test
+from fdsl import train as fdsl_train
+from tests.fixtures import make_mvtec_tree, tree_digest
+
+REPO = Path(__file__).resolve().parents[2]
+CONTRACT_KEYS = {
+    "method",
+    "dataset_root",
+    "k_shot",
+    "seed",
+    "backbone",
+    "image_size",
+    "win_mode",
+    "per_class",
+    "mean",
+    "support",
+    "timing",
+}
+METRICS = {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"}
+
+
+def _tree(root: Path, classes=("a", "b"), seed=0) -> Path:
+    make_mvtec_tree(root, classes=classes, n_train=4, n_test_good=2, defects={"crack": 2}, size=64, seed=seed)
+    write_meta(root, scan_mvtec_layout(root, verbose=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fdsl")
+    return _tree(base / "train_ds", ("a",), seed=1), _tree(base / "test_ds", ("a", "b"), seed=2), base
+
+
+def _train(root, out, backbone, *extra):
+    code = fdsl_train.main(
+        [
+            "--dataset-root",
+            str(root),
+            "--save-dir",
+            str(out),
+            "--backbone",
+            backbone,
+            "--epochs",
+            "1",
+            "--image-size",
+            "64",
+            "--device",
+            "cpu",
+            "--progress",
+            "0",
+            "--train-k-shot",
+            "2",
+            *extra,
+        ]
+    )
+    assert code == 0
+    return out / "last.pth"
+
+
+def test_clip_path_end_to_end_with_lfe(trees):
+    train_root, test_root, base = trees
+    before = tree_digest(test_root)
+    ckpt = _train(train_root, base / "vit", TINY_VIT, "--aug-rate", "0.5", "--use-crop", "1")
+    assert {p.name for p in (base / "vit").iterdir()} >= {"epoch_1.pth", "last.pth", "config.json"}
+    assert json.loads((base / "vit" / "config.json").read_text())["backbone"] == TINY_VIT
+    out = base / "vit_test"
+    code = fdsl_test.main(
+        [
+            "--dataset-root",
+            str(test_root),
+            "--checkpoint",
+            str(ckpt),
+            "--k-shot",
+            "2",
+            "--seed",
+            "0",
+            "--save-dir",
+            str(out),
+            "--win-mode",
+            "mul",
+            "--win-size",
+            "4",
+            "--win-stride",
+            "3",
+            "--use-img-idx",
+            "1",
+            "--device",
+            "cpu",
+            "--progress",
+            "0",
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert CONTRACT_KEYS <= set(results) and results["win_mode"] == "mul" and results["k_shot"] == 2
+    assert set(results["per_class"]) == {"a", "b"} and set(results["mean"]) == METRICS
+    assert all(0 <= v <= 1 for v in results["mean"].values() if v is not None)
+    assert all(len(paths) == 2 for paths in results["support"].values())
+    assert results["image_score"].startswith("paper") and results["bank_bytes"]["window_searched_bytes"] > 0
+    assert (out / "log.txt").read_text().count("|") > 10
+    assert tree_digest(test_root) == before  # the dataset folder is never written
+
+
+def test_cnn_path_and_options(trees):
+    train_root, test_root, base = trees
+    ckpt = _train(train_root, base / "cnn", "efficientnet_lite0", "--use-nam", "0")
+    out = base / "cnn_test"
+    code = fdsl_test.main(
+        [
+            "--dataset-root",
+            str(test_root),
+            "--checkpoint",
+            str(ckpt),
+            "--k-shot",
+            "1",
+            "--seed",
+            "3",
+            "--save-dir",
+            str(out),
+            "--win-mode",
+            "onlywin",
+            "--win-size",
+            "4",
+            "--win-stride",
+            "4",
+            "--image-score",
+            "max",
+            "--fd-weight",
+            "0.5",
+            "--legacy-second-draw",
+            "1",
+            "--class-name",
+            "b",
+            "--device",
+            "cpu",
+            "--progress",
+            "0",
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["per_class"]) == ["b"] and results["use_nam"] is False and results["win_zoom"] == 2.0
+    assert results["image_score"].startswith("max") and results["fd_weight"] == 0.5
+    # a NAM request against a head trained without NAM, and a backbone that does not match, are user errors
+    args = [
+        "--dataset-root",
+        str(test_root),
+        "--checkpoint",
+        str(ckpt),
+        "--k-shot",
+        "1",
+        "--seed",
+        "0",
+        "--save-dir",
+        str(base / "x"),
+        "--device",
+        "cpu",
+        "--progress",
+        "0",
+    ]
+    assert fdsl_test.main(args + ["--use-nam", "1"]) == 2
+    assert fdsl_test.main(args + ["--backbone", TINY_VIT]) == 2
+
+
+def test_bad_inputs_exit_2(trees, tmp_path, capsys):
+    train_root, test_root, base = trees
+    assert (
+        fdsl_train.main(
+            ["--dataset-root", str(tmp_path / "nope"), "--save-dir", str(tmp_path / "o"), "--backbone", TINY_VIT]
+        )
+        == 2
+    )
+    assert (
+        fdsl_test.main(
+            [
+                "--dataset-root",
+                str(test_root),
+                "--checkpoint",
+                str(tmp_path / "missing.pth"),
+                "--k-shot",
+                "1",
+                "--seed",
+                "0",
+                "--save-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        fdsl_test.main(
+            [
+                "--dataset-root",
+                str(test_root),
+                "--checkpoint",
+                "x.pth",
+                "--seed",
+                "0",
+                "--save-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "--k-shot" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("script", ["trainAndTest.sh", "test_few_shot.sh"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["fdsl", "0", "1", "mul", "13", "2", "0.5", "14"],
+        ["fdsl", "cpu", "2", "mul", "13", "2", "0.5", "14", "1"],
+        ["fdsl", "cpu", "1", "max", "13", "2", "0.5", "14", "1"],
+    ],
+)
+def test_driver_argument_errors(script, args):
+    proc = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "usage: bash" in proc.stderr
+
+
+def test_drivers_end_to_end(trees, tmp_path):
+    train_root, test_root, _ = trees
+    env = {
+        **os.environ,
+        "MVTEC_ROOT": str(train_root),
+        "VISA_ROOT": str(test_root),
+        "BACKBONE": TINY_VIT,
+        "EPOCHS_MVTEC": "1",
+        "EPOCHS_VISA": "2",
+        "PYTHON": sys.executable,
+        "EXTRA_TEST_ARGS": "--progress 0",
+    }
+    args = ["tiny", "cpu", "1", "mul", "4", "2", "0.5", "7", "1"]
+    proc = subprocess.run(
+        ["bash", str(REPO / "trainAndTest.sh"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / f"exps/mvtec/{TINY_VIT}/fewshot/tiny/epoch_2.pth").is_file()
+    for ds in ("visa", "mvtec"):
+        results = json.loads((tmp_path / f"results/{ds}/few_shot/tiny/s1shot/seed7/results.json").read_text())
+        assert results["seed"] == 7 and results["win_mode"] == "mul"
+    proc = subprocess.run(
+        ["bash", str(REPO / "test_few_shot.sh"), *args[:3], "nan", *args[4:]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "results/mvtec/few_shot/tiny_winmodenan/s1shot/seed7/results.json").is_file()
