@@ -1,0 +1,122 @@
+"""PCSNet configuration: one dataclass, YAML files in configs/pcsnet/, command-line flags on top.
+
+Precedence: dataclass defaults < YAML (`--config FILE`) < flags given on the command line. The dataclass defaults
+are the CPU setting (efficientnet_lite0, 32x32 grid at 256 px, CAS width 128); `configs/pcsnet/paper.yaml` holds
+the paper's setting (wide_resnet50_2, 224 px, 64x64 grid, CAS width 896). The resolved config is saved in every
+checkpoint and in results.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from common.utils import UserError
+
+# design/pcsnet.md section 2: classes whose descriptor first halves the channels (conv-BN-ReLU x2 + conv).
+ROTATION_CLASSES = ("grid", "screw", "bracket_black", "bracket_brown", "tubes")
+# Reference sizes of the original code (64x64 grid): the k of the kNN prior for CAS, the top pixels of L_PDC and
+# the PFENet pyramid bins are given for 4096 grid positions and are rescaled to the grid actually used.
+REF_GRID = 64
+PAPER_NN_CAS = 200  # design/pcsnet.md section 2: S = the 200 smallest distances per pixel
+PAPER_PDC_TOP = 50  # section 2: L_PDC averages the 50 largest pixel 3-NN distances
+PAPER_PYRAMID_BINS = (60, 30, 15, 8)  # section 3: PFENet FEM bins on the 64 grid
+
+
+@dataclass
+class PCSNetConfig:
+    """Every knob of a PCSNet run (paper values in comments; see design/pcsnet.md)."""
+
+    backbone: str = "efficientnet_lite0"  # paper: wide_resnet50_2
+    pretrained: str | None = None  # weights file for wide_resnet50_2 (torch cache otherwise)
+    layers: tuple[int, ...] = (1, 2, 3)  # paper: WRN layer1..layer3; lite0 levels 1..3 (strides 4/8/16)
+    image_size: int = 256  # paper: 224
+    grid_size: int | None = None  # paper: 64; None = image_size // grid_stride
+    grid_stride: int = 8  # used when grid_size is None: 256 px -> 32x32 (CPU cost, see the README)
+    nn_cas: int | None = None  # paper 200 at 64x64; None = 200 scaled by grid^2 / 64^2
+    nn_loss: int = 3  # paper: 3-NN distances in the losses
+    pdc_top: int | None = None  # paper 50 at 64x64; None = scaled like nn_cas
+    cas_width: int = 128  # paper: 896 (~120M parameters)
+    cas_in_channels: int | None = None  # paper: 896 (the first 896 descriptor channels); None = all
+    cas_dropout: float = 0.1
+    rotation_classes: tuple[str, ...] = ROTATION_CLASSES
+    epochs: int = 50  # paper: 50
+    batch_size: int = 2  # paper: 2 clean support images per step (+ their pseudo-anomalous versions)
+    lr_adaptor: float = 1e-3  # paper: descriptor and r
+    lr_cas: float = 1e-4
+    weight_decay: float = 1e-5
+    r_init: float = 1e-5  # paper: learnable radius r
+    alpha: float = 0.2  # paper: margin
+    nu: float = 1e-3  # paper: hinge losses divided by nu
+    loss_weights: tuple[float, float, float, float] = (1.0, 1.0, 50.0, 40.0)  # NFC, AFS, PDC, SEG
+    pdc_mode: str = "softmax"  # softmax (the original's batch CE, a ranking loss) | bce
+    refresh_prototypes: int = 0  # 0 = prototypes once at init (original); N = recompute every N epochs
+    aug_pool: int = 8  # pseudo-anomalous variants precomputed per support image; 0 = fresh every step
+    fuse_pfa: float = 0.0  # weight of the (support-normalised) PFA distance map added to the CAS map
+    smooth_sigma: float = 4.0  # paper: gaussian sigma 4 on the map before the image score (max)
+    test_batch_size: int = 8
+    save_checkpoints: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes carried into results.json
+
+    def resolved_grid(self) -> int:
+        """Side of the feature grid (design/pcsnet.md section 1: 64 for the paper)."""
+        return int(self.grid_size) if self.grid_size else max(1, self.image_size // self.grid_stride)
+
+    def scaled(self, reference: int, grid: int) -> int:
+        """A count defined for the 64x64 grid, rescaled to `grid` x `grid` positions (at least 1)."""
+        return max(1, round(reference * grid * grid / (REF_GRID * REF_GRID)))
+
+    def validate(self) -> PCSNetConfig:
+        """Raise UserError for values the model cannot run with."""
+        checks = [
+            (self.image_size >= 16, f"image size must be at least 16, got {self.image_size}"),
+            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.cas_width >= 1, f"CAS width must be >= 1, got {self.cas_width}"),
+            (self.refresh_prototypes >= 0, "refresh-prototypes must be >= 0"),
+            (self.aug_pool >= 0, "aug-pool must be >= 0"),
+            (self.pdc_mode in ("softmax", "bce"), f"pdc_mode must be softmax or bce, got {self.pdc_mode!r}"),
+            (len(self.loss_weights) == 4, "loss_weights needs 4 values (NFC, AFS, PDC, SEG)"),
+            (self.nn_loss >= 1, "nn_loss must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
+
+
+_TUPLE_FIELDS = {"layers", "loss_weights", "rotation_classes"}
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PCSNetConfig:
+    """Dataclass defaults, then the YAML file (if any), then `overrides` (None values are ignored).
+
+    Raises:
+        UserError: unreadable YAML or unknown keys (named).
+    """
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise UserError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise UserError(f"config {path} must be a mapping of option: value")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in dataclasses.fields(PCSNetConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown PCSNet option(s) {', '.join(unknown)}" + (f" in {path}" if path else ""))
+    for key in _TUPLE_FIELDS & set(values):
+        values[key] = tuple(values[key])
+    return PCSNetConfig(**values).validate()
+
+
+def config_to_dict(cfg: PCSNetConfig) -> dict:
+    """A JSON/YAML-friendly dict (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}

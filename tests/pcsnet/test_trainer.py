@@ -1,0 +1,86 @@
+"""Training on a toy backbone (k = 1 and k = 3), the detector contract and the checkpoint round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common.backbones import Backbone, BackboneOutput, FeatureInfo
+from pcsnet.config import PCSNetConfig
+from pcsnet.trainer import PCSNetDetector, PseudoAnomalySource, load_checkpoint, train_class
+
+SIZE = 32
+
+
+class ToyBackbone(Backbone):
+    """Three random conv levels at strides 4 / 8 / 16 (a stand-in with the Backbone interface)."""
+
+    def __init__(self):
+        info = [FeatureInfo(4, 4, "l1"), FeatureInfo(6, 8, "l2"), FeatureInfo(8, 16, "l3")]
+        super().__init__("toy", info, (0.5,) * 3, (0.5,) * 3, SIZE, 8)
+        torch.manual_seed(0)
+        self.l1, self.l2, self.l3 = nn.Conv2d(3, 4, 4, 4), nn.Conv2d(4, 6, 2, 2), nn.Conv2d(6, 8, 2, 2)
+        self.freeze()
+
+    def forward(self, x):
+        a = self.l1(x)
+        b = self.l2(a)
+        c = self.l3(b)
+        return BackboneOutput([a, b, c], c.mean(dim=(2, 3)))
+
+
+def cfg(**kw) -> PCSNetConfig:
+    base = dict(image_size=SIZE, grid_stride=4, cas_width=8, epochs=3, aug_pool=2)
+    return PCSNetConfig(**{**base, **kw})
+
+
+def support(k: int) -> torch.Tensor:
+    return torch.rand(k, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(k)) * 2 - 1
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_train_any_k_finite_and_seeded(k):
+    backbone = ToyBackbone()
+    model, history = train_class(backbone, cfg(), "my_class", support(k), seed=0, progress=False)
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
+    again, history2 = train_class(backbone, cfg(), "my_class", support(k), seed=0, progress=False)
+    assert history == history2  # same seed: same pseudo anomalies, init and batch order
+    assert torch.equal(model.prototypes, again.prototypes)
+
+
+def test_refresh_prototypes_changes_them():
+    backbone = ToyBackbone()
+    fixed, _ = train_class(backbone, cfg(epochs=3), "c", support(2), seed=0, progress=False)
+    fresh, _ = train_class(backbone, cfg(epochs=3, refresh_prototypes=1), "c", support(2), seed=0, progress=False)
+    assert not torch.allclose(fixed.prototypes, fresh.prototypes)
+
+
+def test_fresh_and_pooled_pseudo_anomalies():
+    import numpy as np
+
+    backbone, sup = ToyBackbone(), support(2)
+    pooled = PseudoAnomalySource(backbone, sup, "c", np.random.default_rng(0), pool=3)
+    assert pooled.masks.shape == (6, 1, SIZE, SIZE)
+    levels, masks = pooled.sample(torch.tensor([1, 0]))
+    assert levels[0].shape == (2, 4, 8, 8) and masks.shape == (2, 1, SIZE, SIZE)
+    fresh = PseudoAnomalySource(backbone, sup, "c", np.random.default_rng(0), pool=0)
+    assert fresh.sample(torch.tensor([0]))[1].shape == (1, 1, SIZE, SIZE)
+
+
+def test_detector_predict_and_checkpoint_round_trip(tmp_path):
+    backbone = ToyBackbone()
+    config = cfg(fuse_pfa=0.5)
+    detector = PCSNetDetector(backbone, config, seed=1, save_dir=tmp_path, support_paths=lambda c: ["x.png"],
+                              progress=False)  # fmt: skip
+    detector.setup("grid", support(2))  # a rotation class: reduced descriptor
+    images = support(3)
+    score, amap = detector.predict(images)
+    assert score.shape == (3,) and amap.shape == (3, SIZE, SIZE) and torch.isfinite(amap).all()
+    model, loaded_cfg, state = load_checkpoint(tmp_path / "checkpoints" / "grid.pt")
+    assert state["support"] == ["x.png"] and state["rotation"] and loaded_cfg == config
+    for key, value in detector.model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    detector.model = model
+    score2, amap2 = detector.predict(images)
+    assert torch.allclose(score, score2) and torch.allclose(amap, amap2)
