@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 
 EXIT_BAD_INPUT = 2
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class UserError(Exception):
@@ -66,6 +68,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: s
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give results the usual permissions
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()

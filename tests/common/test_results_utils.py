@@ -80,3 +80,8 @@ def test_gaussian_matches_scipy_and_scores():
     assert image_score_max(m).tolist() == [5, 0]
     assert image_score_topk(m, fraction=0.02).tolist() == [2.5, 0]
     assert upsample_map(torch.rand(2, 1, 4, 4), 16).shape == (2, 16, 16)
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    path = atomic_write_text(tmp_path / "r.json", "{}")
+    assert path.stat().st_mode & 0o044 == 0o044 & ~os.umask(os.umask(0))  # group/other readable under umask 022
