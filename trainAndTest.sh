@@ -7,7 +7,7 @@
 # The original asked (c) for epoch_11 of a 5-epoch run; here each test uses its counterpart's last epoch.
 # usage: bash trainAndTest.sh MODEL_NAME DEVICE USE_NAM WINMODE WIN_SIZE WIN_STRIDE WIN_WEIGHT SEED KSHOTS
 #   e.g. bash trainAndTest.sh fdsl 0 1 mul 13 2 0.5 14 1
-#   CPU demo: MVTEC_ROOT=demo_data/fabric VISA_ROOT=demo_data/surfaces BACKBONE=efficientnet_lite0 \
+#   CPU demo: MVTEC_ROOT=demo_data/materials VISA_ROOT=demo_data/surfaces BACKBONE=efficientnet_lite0 \
 #             bash trainAndTest.sh demo cpu 1 mul 16 8 0.5 0 1
 set -euo pipefail
 FDSL_SCRIPT=trainAndTest.sh FDSL_DEFAULT_MVTEC=data/mvtec FDSL_DEFAULT_VISA=data/visa

@@ -5,14 +5,16 @@
 - DIR/textile/textile: the simulated textile images of `conformal-clip-data` (250x250 jpg, copied as they are):
   train/good nominal 1..100, test/good nominal 101..200, test/local and test/global 1..100; no masks
   (image-level only).
-- DIR/fabric/fabric: textile nominal images 301..500 at SIZE px, with six synthetic defect kinds
+- DIR/materials/fabric: textile nominal images 301..500 at SIZE px, with six synthetic defect kinds
   (common.pseudo_anomaly) and their masks; "foreign" pastes another fabric image rotated by 90 degrees.
+- DIR/materials/{moon,cell,tissue}: random views of scikit-image's moon, cell and immunohistochemistry images
+  (grey), built like surfaces below, so FDSL's auxiliary training set has several classes on either side.
 - DIR/surfaces/{brick,grass,gravel}: random crops (128..384 px, resized to SIZE) of scikit-image's 512x512
   textures with flips/rot90 and a small brightness/contrast jitter, and the same six defect kinds; "foreign"
   pastes one of the other two textures.
 
 Deterministic: the same seed gives the same bytes. DIR must be new, empty, or an earlier demo build (marked by
-a `.demo_data` file); a rebuild replaces its textile/, fabric/ and surfaces/ folders.
+a `.demo_data` file); a rebuild replaces its textile/, materials/ and surfaces/ folders.
 """
 
 import sys
@@ -35,15 +37,18 @@ from data.meta import scan_mvtec_layout, write_meta  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "demo_data"
 MARKER = ".demo_data"
-DATASETS = ("textile", "fabric", "surfaces")
+DATASETS = ("textile", "materials", "surfaces")
 SURFACE_CLASSES = ("brick", "grass", "gravel")
+# materials: the textile-derived "fabric" class plus scikit-image images disjoint from the surfaces textures, so that
+# FDSL's train-on-one-dataset, test-on-the-other protocol has several training classes on either side.
+MATERIAL_TEXTURES = {"moon": "moon", "cell": "cell", "tissue": "immunohistochemistry"}
 TEXTILE_RANGES = {  # (source folder, first index, count) for each output folder, at full size
     "train/good": ("nominal", 1, 100),
     "test/good": ("nominal", 101, 100),
     "test/local": ("local", 1, 100),
     "test/global": ("global", 1, 100),
 }
-FABRIC_FIRST = 301  # fabric uses nominal textile images 301.., disjoint from the textile dataset's 1..200
+FABRIC_FIRST = 301  # materials/fabric uses nominal textile images 301.., disjoint from the textile dataset's 1..200
 FABRIC_COUNTS = (80, 60, 10)  # train/good, test/good, images per defect kind
 SURFACE_COUNTS = (40, 30, 6)
 CROP_RANGE = (128, 384)  # side of the random square crop in the 512x512 scikit-image texture
@@ -126,7 +131,7 @@ def build_textile(root: Path, small: bool) -> None:
 
 
 def build_fabric(root: Path, seed: int, size: int, small: bool) -> None:
-    """DIR/fabric/fabric: nominal textile images 301.. at SIZE px with six masked defect kinds."""
+    """DIR/materials/fabric: nominal textile images 301.. at SIZE px with six masked defect kinds."""
     n_train, n_good, per_kind = (_count(n, small) for n in FABRIC_COUNTS)
     n_defect = per_kind * len(DEFECT_KINDS)
     images = []
@@ -135,7 +140,7 @@ def build_fabric(root: Path, seed: int, size: int, small: bool) -> None:
         if grey is None:
             raise UserError(f"cannot read {_textile_file('nominal', FABRIC_FIRST + j)}")
         images.append(cv2.resize(grey, (size, size), interpolation=cv2.INTER_CUBIC))
-    class_dir = root / "fabric" / "fabric"
+    class_dir = root / "materials" / "fabric"
     for j, image in enumerate(images[:n_train]):
         _write_png(class_dir / "train" / "good" / f"{j:03d}.png", image)
     for j, image in enumerate(images[n_train : n_train + n_good]):
@@ -151,7 +156,7 @@ def build_fabric(root: Path, seed: int, size: int, small: bool) -> None:
 def _random_view(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """A random square crop (CROP_RANGE px) resized to SIZE, flipped/rotated, with brightness/contrast jitter."""
     side = int(rng.integers(CROP_RANGE[0], CROP_RANGE[1] + 1))
-    y, x = (int(v) for v in rng.integers(0, np.array(texture.shape) - side + 1))
+    y, x = (int(v) for v in rng.integers(0, np.array(texture.shape[:2]) - side + 1))
     crop = texture[y : y + side, x : x + side]
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
     view = cv2.resize(crop, (size, size), interpolation=interpolation).astype(np.float32)
@@ -163,26 +168,44 @@ def _random_view(texture: np.ndarray, size: int, rng: np.random.Generator) -> np
     return np.ascontiguousarray(np.clip(np.rint(view), 0, 255).astype(np.uint8))
 
 
-def build_surfaces(root: Path, seed: int, size: int, small: bool) -> None:
-    """DIR/surfaces/{brick,grass,gravel}: random views of scikit-image textures with six masked defect kinds."""
+def _load_texture(name: str) -> np.ndarray:
+    """A scikit-image sample image as grey uint8 (H, W)."""
     from skimage import data as skdata
 
-    textures = {name: getattr(skdata, name)() for name in SURFACE_CLASSES}
+    image = getattr(skdata, name)()
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+
+
+def _build_views(dataset_dir: Path, textures: dict[str, np.ndarray], seed: int, size: int, small: bool) -> None:
+    """One class per texture: random views as good images, six masked defect kinds; foreign = the other textures."""
     n_train, n_good, per_kind = (_count(n, small) for n in SURFACE_COUNTS)
-    for name in SURFACE_CLASSES:
-        rng = _rng(seed, f"surfaces/{name}")
-        class_dir = root / "surfaces" / name
+    names = list(textures)
+    for name in names:
+        rng = _rng(seed, f"{dataset_dir.name}/{name}")
+        class_dir = dataset_dir / name
         for j in range(n_train):
             _write_png(class_dir / "train" / "good" / f"{j:03d}.png", _random_view(textures[name], size, rng))
         for j in range(n_good):
             _write_png(class_dir / "test" / "good" / f"{j:03d}.png", _random_view(textures[name], size, rng))
         sources = [_random_view(textures[name], size, rng) for _ in range(per_kind * len(DEFECT_KINDS))]
-        others = [other for other in SURFACE_CLASSES if other != name]
+        others = [other for other in names if other != name]
 
         def foreign(index: int, others: list[str] = others, rng: np.random.Generator = rng) -> np.ndarray:
             return _random_view(textures[others[index % len(others)]], size, rng)
 
         _write_defects(class_dir, sources, per_kind, rng, foreign)
+
+
+def build_surfaces(root: Path, seed: int, size: int, small: bool) -> None:
+    """DIR/surfaces/{brick,grass,gravel}: random views of scikit-image textures with six masked defect kinds."""
+    _build_views(root / "surfaces", {name: _load_texture(name) for name in SURFACE_CLASSES}, seed, size, small)
+
+
+def build_materials(root: Path, seed: int, size: int, small: bool) -> None:
+    """DIR/materials/{fabric,moon,cell,tissue}: textile fabric plus three scikit-image sources."""
+    build_fabric(root, seed, size, small)
+    textures = {name: _load_texture(source) for name, source in MATERIAL_TEXTURES.items()}
+    _build_views(root / "materials", textures, seed, size, small)
 
 
 def _prepare_root(root: Path) -> None:
@@ -198,7 +221,7 @@ def _prepare_root(root: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    (root / MARKER).write_text("made by data/demo.py; a rebuild replaces textile/, fabric/ and surfaces/\n")
+    (root / MARKER).write_text("made by data/demo.py; a rebuild replaces textile/, materials/ and surfaces/\n")
 
 
 def _summary(metas: dict[str, dict]) -> str:
@@ -218,10 +241,10 @@ def _summary(metas: dict[str, dict]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Build the offline demo datasets (textile, fabric, surfaces).")
+    parser = argparse.ArgumentParser(description="Build the offline demo datasets (textile, materials, surfaces).")
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help=f"output folder (default {DEFAULT_ROOT})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")
-    parser.add_argument("--size", type=int, default=256, help="side of the fabric and surfaces images (px)")
+    parser.add_argument("--size", type=int, default=256, help="side of the materials and surfaces images (px)")
     parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)  # tests: about 5x fewer images
     return parser.parse_args(argv)
 
@@ -235,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     _prepare_root(root)
     build_textile(root, args.small)
-    build_fabric(root, args.seed, args.size, args.small)
+    build_materials(root, args.seed, args.size, args.small)
     build_surfaces(root, args.seed, args.size, args.small)
     metas = {}
     for dataset in DATASETS:

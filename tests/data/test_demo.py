@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 # --small counts: (train, test good, images per defect kind)
 EXPECTED = {
     ("textile", "textile"): (20, 20, {"local": 20, "global": 20}),
-    ("fabric", "fabric"): (16, 12, dict.fromkeys(DEFECT_KINDS, 2)),
+    ("materials", "fabric"): (16, 12, dict.fromkeys(DEFECT_KINDS, 2)),
+    **{("materials", name): (8, 6, dict.fromkeys(DEFECT_KINDS, 1)) for name in ("moon", "cell", "tissue")},
     **{("surfaces", name): (8, 6, dict.fromkeys(DEFECT_KINDS, 1)) for name in ("brick", "grass", "gravel")},
 }
 
@@ -50,19 +51,21 @@ def test_tree_and_meta_counts(demo_root):
             masked = dataset != "textile"  # textile's local/global anomalies are image-level only
             assert all(bool(item["mask_path"]) == masked for item in items)
     assert sorted(p.name for p in (demo_root / "surfaces").iterdir()) == ["brick", "grass", "gravel", "meta.json"]
+    # the two masked datasets come from disjoint sources (FDSL trains on one and tests on the other)
+    assert sorted(load_meta(demo_root / "materials")["test"]) == ["cell", "fabric", "moon", "tissue"]
     assert not (demo_root / "textile" / "textile" / "ground_truth").exists()
 
 
 def test_images_and_masks(demo_root):
     textile = cv2.imread(str(demo_root / "textile/textile/train/good/000.jpg"), cv2.IMREAD_UNCHANGED)
     assert textile.shape[:2] == (250, 250)
-    meta = load_meta(demo_root / "fabric")
+    meta = load_meta(demo_root / "materials")
     areas = []
     for item in meta["test"]["fabric"]:
-        image = cv2.imread(str(demo_root / "fabric" / item["img_path"]), cv2.IMREAD_UNCHANGED)
+        image = cv2.imread(str(demo_root / "materials" / item["img_path"]), cv2.IMREAD_UNCHANGED)
         assert image.shape[:2] == (256, 256)
         if item["anomaly"]:
-            mask = cv2.imread(str(demo_root / "fabric" / item["mask_path"]), cv2.IMREAD_UNCHANGED)
+            mask = cv2.imread(str(demo_root / "materials" / item["mask_path"]), cv2.IMREAD_UNCHANGED)
             assert mask.shape == (256, 256) and set(np.unique(mask)) == {0, 255}
             areas.append((mask > 0).mean())
     assert min(areas) < 0.005 and max(areas) > 0.05  # scales spread from tiny to large
@@ -73,7 +76,7 @@ def test_deterministic_and_idempotent(demo_root, tmp_path):
     assert main(["--root", str(other), "--small", "--seed", "3"]) == 0
     expected = tree_digest(demo_root, exclude=())
     assert tree_digest(other, exclude=()) == expected
-    (other / "fabric" / "fabric" / "train" / "good" / "stale.png").write_bytes(b"x")  # left over from an older build
+    (other / "materials" / "fabric" / "train" / "good" / "stale.png").write_bytes(b"x")  # left over from an older build
     assert main(["--root", str(other), "--small", "--seed", "3"]) == 0  # rebuild in place
     assert tree_digest(other, exclude=()) == expected
 
@@ -84,7 +87,8 @@ def test_seed_changes_defects(demo_root, tmp_path):
     a, b = tree_digest(demo_root, exclude=()), tree_digest(other, exclude=())
     assert a.keys() == b.keys()
     assert a["textile/textile/train/good/000.jpg"] == b["textile/textile/train/good/000.jpg"]  # copied as is
-    assert a["fabric/fabric/ground_truth/hole/000_mask.png"] != b["fabric/fabric/ground_truth/hole/000_mask.png"]
+    hole = "materials/fabric/ground_truth/hole/000_mask.png"
+    assert a[hole] != b[hole]
 
 
 def test_refuses_foreign_folder(tmp_path):
