@@ -30,10 +30,10 @@ class KNNDetector(nn.Module):
         backbone: a `common.backbones.Backbone`.
         metric: `l2` (PatchCore) or `cosine` (AnomalyDINO).
         pool: size of the local average pooling that gives each patch its neighbourhood (PatchCore: 3).
-        nn_backend: `torch` or `faiss`.
+        nn_backend: `auto`, `torch` or `faiss`.
     """
 
-    def __init__(self, backbone: nn.Module, metric: str = "l2", pool: int = 3, nn_backend: str = "torch"):
+    def __init__(self, backbone: nn.Module, metric: str = "l2", pool: int = 3, nn_backend: str = "auto"):
         super().__init__()
         self.backbone, self.pool = backbone, pool
         self.bank = MemoryBank(metric=metric, backend=nn_backend)
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="comma-separated backbone levels (default per backbone)")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: the backbone's)")
     p.add_argument("--metric", choices=("l2", "cosine"), default="l2")
-    p.add_argument("--nn-backend", choices=("torch", "faiss"), default="torch")
+    p.add_argument("--nn-backend", choices=("auto", "torch", "faiss"), default="auto",
+                   help="auto: faiss on CPU (faster here), torch on CUDA")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--vis", action="store_true", help="save image | heat-map panels under SAVE_DIR/vis")

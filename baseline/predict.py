@@ -33,7 +33,7 @@ def build_knn_detector(
     layers: list[int] | None = None,
     image_size: int | None = None,
     metric: str = "l2",
-    nn_backend: str = "torch",
+    nn_backend: str = "auto",
 ) -> KNNDetector:
     """The kNN baseline as a predict detector (builder contract in common/predict.py).
 
@@ -45,7 +45,7 @@ def build_knn_detector(
         layers: backbone levels (default per backbone).
         image_size: input side S (default: the backbone's); a multiple of the backbone's patch size.
         metric: `l2` or `cosine`.
-        nn_backend: `torch` or `faiss`.
+        nn_backend: `auto` (faiss on CPU), `torch` or `faiss`.
 
     Returns:
         A `KNNDetector` on `device` with `mean`, `std` and `image_size` attributes.
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="comma-separated backbone levels (default per backbone)")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: the backbone's)")
     p.add_argument("--metric", choices=("l2", "cosine"), default="l2")
-    p.add_argument("--nn-backend", choices=("torch", "faiss"), default="torch")
+    p.add_argument("--nn-backend", choices=("auto", "torch", "faiss"), default="auto")
     return p
 
 

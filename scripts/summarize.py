@@ -21,6 +21,8 @@ def summarize(paths: list[Path]) -> str:
     for path in paths:
         r = json.loads(path.read_text())
         label = r.get("label") or path.parent.name
+        if label.startswith("seed"):  # the FDSL drivers' results/<ds>/few_shot/NAME/s<K>shot/seed<S>/ layout
+            label = f"{r['method']}_{Path(r['dataset_root']).name}"
         cells = ["-" if r["mean"][k] is None else f"{100 * r['mean'][k]:.1f}" for _, k in COLUMNS]
         dataset = Path(r["dataset_root"]).name
         rows.append([label, r["method"], dataset, r["k_shot"], r["seed"], *cells,

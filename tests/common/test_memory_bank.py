@@ -55,3 +55,13 @@ def test_bad_arguments():
         nearest_neighbors(torch.randn(3, 4), torch.randn(2, 4), k=3)
     with pytest.raises(ValueError):
         nearest_neighbors(torch.randn(3, 4), torch.randn(2, 4), metric="manhattan")
+
+
+def test_auto_backend_matches_torch():
+    g = torch.Generator().manual_seed(1)
+    query, bank = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g)
+    d_auto, i_auto = nearest_neighbors(query, bank, k=2, metric="l2", backend="auto")
+    d_torch, i_torch = nearest_neighbors(query, bank, k=2, metric="l2", backend="torch")
+    assert torch.equal(i_auto, i_torch) and torch.allclose(d_auto, d_torch, atol=1e-5)
+    with pytest.raises(ValueError, match="backend"):
+        nearest_neighbors(query, bank, backend="annoy")
