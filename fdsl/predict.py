@@ -71,7 +71,7 @@ def build_fdsl_detector(
     """
     from fdsl.checkpoint import load_checkpoint
     from fdsl.config import TestConfig
-    from fdsl.test import _check, build_detector
+    from fdsl.test import build_detector, check_test_config
 
     del references
     if unknown:
@@ -88,7 +88,7 @@ def build_fdsl_detector(
         win_use_nam=int(win_use_nam), use_nam=use_nam, use_img_idx=int(use_img_idx), fd_weight=fd_weight,
         image_score="max", smooth_sigma=smooth_sigma, chunk_size=chunk_size, k_shot=1, progress=0,
     )  # fmt: skip
-    _check(cfg)
+    check_test_config(cfg)
     state = load_checkpoint(cfg.checkpoint)
     try:
         detector, model = build_detector(cfg, state, torch.device(device), meta={})

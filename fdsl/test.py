@@ -31,7 +31,7 @@ from fdsl.windows import WindowGeometry
 CNN_WIN_ZOOM = 2.0
 
 
-def _check(cfg: TestConfig) -> None:
+def check_test_config(cfg: TestConfig) -> None:
     if cfg.k_shot < 1:
         raise UserError(f"--k-shot must be at least 1 (got {cfg.k_shot})")
     if not 0 <= cfg.win_weight <= 1 or not 0 <= cfg.fd_weight <= 1:
@@ -95,7 +95,7 @@ def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dic
 
 def run(cfg: TestConfig) -> dict:
     """Evaluate and write results.json / log.txt. Returns the results dict."""
-    _check(cfg)
+    check_test_config(cfg)
     meta = load_meta(cfg.dataset_root)
     state = load_checkpoint(cfg.checkpoint)
     check_writable_dir(cfg.save_dir)
