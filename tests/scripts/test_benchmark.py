@@ -1,0 +1,96 @@
+"""scripts/benchmark.py end to end on a tiny tree: rows per (method, k), seed statistics, reference, failures."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import make_mvtec_tree
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = str(REPO / "scripts" / "benchmark.py")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = make_mvtec_tree(tmp_path_factory.mktemp("bench") / "ds", classes=("a",), n_train=4, n_test_good=3,
+                           defects={"crack": 3}, size=64)  # fmt: skip
+    subprocess.run([sys.executable, str(REPO / "data" / "mvtec.py"), "--root", str(root)], check=True,
+                   capture_output=True)  # fmt: skip
+    return root
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_one_records_a_crashing_subprocess_with_its_last_error_line(tmp_path, monkeypatch):
+    bench = _load_module()
+    crash = [sys.executable, "-c", "import sys; print('noise', file=sys.stderr); sys.exit('RuntimeError: boom')"]
+    monkeypatch.setattr(bench, "method_command", lambda *a: crash)
+    row = bench.run_one("knn", 1, 0, None, tmp_path)
+    assert row["status"] == "failed" and row["error"] == "exit 1: RuntimeError: boom"
+    assert row["wall_seconds"] > 0 and (row["peak_rss_mb"] is None or row["peak_rss_mb"] > 0)
+
+
+def _run(*args, cwd=REPO):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=cwd, capture_output=True, text=True)
+
+
+def test_benchmark_knn_two_shots_two_seeds_and_a_failing_method(tree, tmp_path):
+    out = tmp_path / "bench"
+    proc = _run("--dataset-root", tree, "--methods", "knn,fdsl", "--shots", "1,2", "--seeds", "0,1",
+                "--image-size", 64, "--fdsl-checkpoint", tmp_path / "missing.pth", "--out", out)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "benchmark.json").read_text())
+
+    ref = report["backbone_reference"]
+    assert len(ref) == 1 and ref[0]["image_size"] == 64 and ref[0]["images_per_second"] > 0
+    assert ref[0]["n_images"] == 6
+
+    knn = [a for a in report["aggregated"] if a["method"] == "knn"]
+    assert [a["k_shot"] for a in knn] == [1, 2]
+    for a in knn:
+        assert a["n_ok"] == 2 and a["seeds"] == [0, 1] and not a["errors"]
+        for key in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_aupro"):
+            assert 0 <= a[key]["mean"] <= 1 and a[key]["std"] is not None
+        assert a["seconds_per_image"]["mean"] > 0
+        assert a["ratio_to_backbone"]["mean"] > 0
+        assert a["peak_rss_mb"]["mean"] > 10  # a torch process is well above 10 MB
+        assert a["bank_mb"]["mean"] > 0
+    knn_runs = [r for r in report["runs"] if r["method"] == "knn"]
+    assert len(knn_runs) == 4 and all(r["status"] == "ok" for r in knn_runs)
+    # the support draw depends on (seed, class) only: the same seed gives the same bank size at a given k
+    assert len({(r["k_shot"], r["bank_mb"]) for r in knn_runs}) == 2
+
+    fdsl_runs = [r for r in report["runs"] if r["method"] == "fdsl"]
+    assert len(fdsl_runs) == 4 and all(r["status"] == "failed" for r in fdsl_runs)
+    assert all("missing.pth" in r["error"] for r in fdsl_runs)
+    assert all(a["n_ok"] == 0 for a in report["aggregated"] if a["method"] == "fdsl")
+
+    md = (out / "benchmark.md").read_text()
+    assert "| knn" in md and "FAILED" in md and "scripts/benchmark.py" in md and "torch" in md
+    assert "knn" in proc.stdout and "x backbone" in proc.stdout
+    assert (out / "runs" / "knn_k2_seed1" / "results.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset-root", "/nonexistent/ds"], "does not exist"),
+        (["--methods", "knn,foo"], "unknown method"),
+        (["--methods", "fdsl"], "--fdsl-checkpoint"),
+    ],
+)
+def test_benchmark_bad_input_is_one_line_exit_2(tree, tmp_path, args, message):
+    full = ["--dataset-root", tree, "--out", tmp_path / "o", *args]
+    proc = _run(*full)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
