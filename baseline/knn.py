@@ -16,11 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.anomaly_map import GAUSSIAN_SIGMA
-from common.backbones import align_features, build_backbone
+from common.backbones import align_features, build_backbone, resolve_image_size
 from common.evaluation import EvalConfig, evaluate
 from common.memory_bank import MemoryBank
 from common.results import build_results, format_table, write_results
-from common.utils import UserError, check_writable_dir, cli_entry, parse_device, set_seed
+from common.utils import check_writable_dir, cli_entry, parse_device, parse_int_list, set_seed
 
 
 class KNNDetector(nn.Module):
@@ -88,11 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     device = parse_device(args.device)
     check_writable_dir(args.save_dir)
     set_seed(args.seed)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    backbone = build_backbone(args.backbone, args.pretrained, layers, device)
-    size = args.image_size or backbone.default_image_size
-    if size % backbone.patch_size:
-        raise UserError(f"--image-size {size} must be a multiple of the backbone's patch size {backbone.patch_size}")
+    backbone = build_backbone(args.backbone, args.pretrained, parse_int_list(args.layers, "--layers"), device)
+    size = resolve_image_size(backbone, args.image_size)
     classes = None if args.class_name == "all" else args.class_name.split(",")
     detector = KNNDetector(backbone, args.metric, nn_backend=args.nn_backend)
     cfg = EvalConfig(

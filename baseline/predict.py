@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from common.backbones import build_backbone
+from common.backbones import build_backbone, resolve_image_size
 from common.predict_run import add_predict_arguments, run_cli
-from common.utils import UserError, cli_entry
+from common.utils import cli_entry, parse_int_list
 
 if TYPE_CHECKING:
     from baseline.knn import KNNDetector
@@ -54,11 +54,7 @@ def build_knn_detector(
 
     del references
     model = build_backbone(backbone, pretrained, layers, torch.device(device))
-    size = int(image_size or model.default_image_size)
-    if size < model.patch_size or size % model.patch_size:
-        raise UserError(
-            f"--image-size {size} must be a positive multiple of the backbone's patch size {model.patch_size}"
-        )
+    size = resolve_image_size(model, image_size)
     detector = KNNDetector(model, metric, nn_backend=nn_backend).to(device)
     detector.mean, detector.std, detector.image_size = model.mean, model.std, size
     return detector
@@ -79,10 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    except ValueError as exc:
-        raise UserError(f"--layers {args.layers!r} must be comma-separated integers") from exc
+    layers = parse_int_list(args.layers, "--layers")
     options = {
         "backbone": args.backbone,
         "pretrained": args.pretrained,

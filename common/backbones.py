@@ -367,6 +367,16 @@ def build_backbone(
     return backbone.freeze().to(device)
 
 
+def resolve_image_size(backbone: Backbone, image_size: int | None) -> int:
+    """The input side to use: `image_size` or the backbone's default; a positive multiple of its patch size."""
+    size = int(image_size or backbone.default_image_size)
+    if size < backbone.patch_size or size % backbone.patch_size:
+        raise UserError(
+            f"--image-size {size} must be a positive multiple of the backbone's patch size {backbone.patch_size}"
+        )
+    return size
+
+
 def align_features(features: list[torch.Tensor], size: tuple[int, int] | None = None) -> list[torch.Tensor]:
     """Bilinearly resize every level to `size` (default: the finest level's grid)."""
     size = size or tuple(features[0].shape[-2:])

@@ -62,6 +62,16 @@ def parse_device(device: str | int | None) -> torch.device:
     raise UserError(f"unknown device '{device}': use cpu, a CUDA index such as 0, or cuda:N")
 
 
+def parse_int_list(text: str | None, flag: str) -> list[int] | None:
+    """'2,3' -> [2, 3]; None or '' -> None; anything else is a UserError naming the flag."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError as exc:
+        raise UserError(f"{flag} {text!r} must be comma-separated integers") from exc
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
     """Write through a temporary file in the same folder, fsync, then rename over the target."""
     path = Path(path)

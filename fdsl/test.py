@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from common.backbones import align_features, build_backbone
+from common.backbones import align_features, build_backbone, resolve_image_size
 from common.evaluation import EvalConfig, evaluate, minmax_fusion
 from common.few_shot import sample_support
 from common.results import build_results, format_table, write_results
@@ -62,8 +62,7 @@ def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dic
         cfg.backbone, cfg.pretrained, trained.get("layers") or None, device, bool(trained.get("quick_gelu", 0))
     )
     head = build_head(state, backbone, cfg.checkpoint).to(device)
-    if cfg.image_size % backbone.patch_size:
-        raise UserError(f"--image-size {cfg.image_size} must be a multiple of {backbone.patch_size}")
+    resolve_image_size(backbone, cfg.image_size)
     with torch.inference_mode():  # the finest level's grid = the windows' grid
         probe = backbone(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device))
     grid = align_features(probe.features)[0].shape[-1]

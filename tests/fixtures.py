@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -152,3 +153,15 @@ def make_visa_tree(
     lines = [",".join(header)] + [",".join(row.get(name, "x") for name in header) for row in ordered]
     csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Import into a test module to run it with one torch thread: on a busy shared CPU, 2 OpenMP threads
+    spin-wait (a 64 px forward took 1 s instead of 20 ms with 1 thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,17 +16,7 @@ import api
 from baseline.predict import main
 from common.predict import Predictor, collect_images, threshold_from_scores
 from common.utils import UserError
-from tests.fixtures import make_mvtec_tree
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a busy shared CPU, 2 OpenMP threads spin-wait: a 64 px forward took 1 s instead of 20 ms with 1 thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+from tests.fixtures import make_mvtec_tree, one_thread  # noqa: F401  (autouse fixture)
 
 # ------------------------------------------------------------------ threshold rules and LOO on a fake detector
 

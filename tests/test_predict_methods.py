@@ -18,19 +18,10 @@ from data.meta import scan_mvtec_layout, write_meta
 from fdsl import predict as fdsl_predict
 from fdsl import train as fdsl_train
 from pcsnet import predict as pcsnet_predict
-from tests.fixtures import make_mvtec_tree
+from tests.fixtures import make_mvtec_tree, one_thread  # noqa: F401  (autouse fixture)
 
 SIZES = {(64, 64), (96, 80)}  # (width, height) of the queries
 PCSNET_TINY = {"epochs": 1, "image_size": 64, "cas_width": 8, "aug_pool": 1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a busy shared CPU, 2 OpenMP threads spin-wait; one thread is much faster for 64 px images."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -85,3 +85,17 @@ def test_gaussian_matches_scipy_and_scores():
 def test_atomic_write_gives_normal_permissions(tmp_path):
     path = atomic_write_text(tmp_path / "r.json", "{}")
     assert path.stat().st_mode & 0o044 == 0o044 & ~os.umask(os.umask(0))  # group/other readable under umask 022
+
+
+def test_parse_int_list_and_image_size():
+    from common.backbones import TINY_VIT, build_backbone, resolve_image_size
+    from common.utils import parse_int_list
+
+    assert parse_int_list("2,3", "--layers") == [2, 3] and parse_int_list(None, "--layers") is None
+    with pytest.raises(UserError, match="--layers"):
+        parse_int_list("2,a", "--layers")
+    vit = build_backbone(TINY_VIT)  # patch 8, native 64 px
+    assert resolve_image_size(vit, None) == 64 and resolve_image_size(vit, 96) == 96
+    for bad in (60, 4):
+        with pytest.raises(UserError, match="multiple"):
+            resolve_image_size(vit, bad)
