@@ -43,6 +43,11 @@ class TrainConfig:
     pretrained: str | None = _opt(None, "CLIP tag or weights file (default: openai for open_clip models)")
     layers: list[int] | None = _opt(None, "backbone levels (ViT: 1-based blocks; CNN: level indices)", nargs="+")
     quick_gelu: int = _opt(0, "CLIP with QuickGELU (VAND/FDSL ran nn.GELU: 0)", choices=(0, 1))
+    feature_pool: int | None = _opt(
+        None,
+        "local average pooling of each level before FD (default: 3 for CNNs, 1 = none for ViTs as in the paper)",
+        choices=(1, 3, 5),
+    )
     image_size: int | None = _opt(None, "input size (default: the backbone's, 518 for ViT-L-14-336)")
     epochs: int = _opt(5, "epochs (paper: 5 with MVTec as auxiliary data, 11 with VisA)")
     batch_size: int = _opt(8, "batch size")

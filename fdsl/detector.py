@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common.backbones import Backbone, align_features
-from fdsl.model import FDSLHead, feature_discrepancy, flatten_tokens, normalize_levels
+from common.backbones import Backbone
+from fdsl.model import FDSLHead, extract_levels, feature_discrepancy, flatten_tokens
 from fdsl.windows import WindowGeometry, encode_windows, stitch_windows
 
 WIN_MODES = ("nan", "mul", "onlywin")
@@ -30,6 +30,7 @@ class DetectorOptions:
     use_img_idx: bool = False  # image feature index memory bank for the windows (original useimgidx)
     fd_weight: float = 0.0  # a: map = (1 - a) * ASL + a * mean_l(1 - max cos); 0 = the original code
     signed: bool = False  # deviation f - n instead of |f - n| (original useAbs=0)
+    feature_pool: int = 1  # local average pooling before FD; must be the checkpoint's (fdsl.model.extract_levels)
     chunk_size: int = 4096  # query rows per similarity matmul
     encode_batch: int = 32  # window crops per backbone call
 
@@ -126,7 +127,7 @@ class FDSLDetector:
         features = []
         for start in range(0, images.shape[0], self.opts.encode_batch):
             out = self.backbone(images[start : start + self.opts.encode_batch])
-            features.append(normalize_levels(align_features(out.features)))
+            features.append(extract_levels(out.features, self.opts.feature_pool))
         return [torch.cat([f[i] for f in features]) for i in range(len(features[0]))]
 
     @torch.inference_mode()
@@ -137,7 +138,11 @@ class FDSLDetector:
         if self.uses_windows:
             images = support_images if self.window_support_fn is None else self.window_support_fn(class_name)
             feats, keys = encode_windows(
-                self.backbone, images.to(support_images.device), self.geometry, self.opts.encode_batch
+                self.backbone,
+                images.to(support_images.device),
+                self.geometry,
+                self.opts.encode_batch,
+                self.opts.feature_pool,
             )
             if self.opts.use_img_idx:  # keep windows separate: (k*nW, T, C), searched one window at a time
                 self.win_bank = [f.flatten(2).transpose(1, 2).to(self.bank_dtype).contiguous() for f in feats]
@@ -173,7 +178,7 @@ class FDSLDetector:
     def _window_branch(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LFE on one image (1, 3, S, S): window FD -> ASL -> stitch (-> NAM). map (1, G, G), score (1,)."""
         geom = self.geometry
-        feats, keys = encode_windows(self.backbone, image, geom, self.opts.encode_batch)
+        feats, keys = encode_windows(self.backbone, image, geom, self.opts.encode_batch, self.opts.feature_pool)
         choice = None
         if self.opts.use_img_idx:  # each query window -> its most similar reference window (pooled key)
             choice = (keys.to(self.win_keys.dtype) @ self.win_keys.T).argmax(dim=1)

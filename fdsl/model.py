@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.backbones import align_features
 from common.memory_bank import nearest_neighbors
 
 # FDSL code (FDSLModel.py, fdsl.md section 5): ASL hidden widths, NAM hidden channels and kernel.
@@ -26,6 +27,36 @@ FOCAL_SMOOTH = 1e-5
 def normalize_levels(features: list[torch.Tensor]) -> list[torch.Tensor]:
     """L2-normalise every patch feature along channels (original useNorm=1). (B, C, h, w) -> same shape."""
     return [F.normalize(f.float(), dim=1) for f in features]
+
+
+def default_feature_pool(backbone_kind: str) -> int:
+    """Local pooling FDSL applies to each level before the FD module: 3 for CNNs, 1 (none) for ViTs.
+
+    CLIP patch tokens already mix context through attention (the paper uses them as they are). A CNN cell of a
+    mid-level map sees little around it; the 3 x 3 neighbourhood average (PatchCore's local aggregation) makes
+    the nearest-reference match robust to small shifts. Measured on the demo data: see docs/STATUS.md.
+    """
+    return 3 if backbone_kind == "cnn" else 1
+
+
+def extract_levels(
+    features: list[torch.Tensor], pool: int = 1, size: tuple[int, int] | None = None
+) -> list[torch.Tensor]:
+    """Backbone levels -> FDSL's per-level features: local average pool, one grid, L2-normalised.
+
+    Args:
+        features: per level (B, C_l, h_l, w_l) from the backbone.
+        pool: odd side of the stride-1 average pooling (1 = none); borders average only the cells inside.
+        size: common grid (default: the finest level's).
+
+    Returns:
+        per level (B, C_l, h, w) float32 unit vectors along channels.
+    """
+    if pool > 1:
+        features = [
+            F.avg_pool2d(f.float(), pool, stride=1, padding=pool // 2, count_include_pad=False) for f in features
+        ]
+    return normalize_levels(align_features(features, size))
 
 
 def flatten_tokens(feature: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,7 @@ def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dic
         use_img_idx=bool(cfg.use_img_idx),
         fd_weight=cfg.fd_weight,
         signed=bool(trained.get("signed", 0)),
+        feature_pool=int(trained.get("feature_pool") or 1),  # checkpoints from before the option: no pooling
         chunk_size=cfg.chunk_size,
     )
     window_support_fn = None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.backbones import align_features, build_backbone
+from common.backbones import build_backbone
 from common.few_shot import sample_support
 from common.utils import UserError, atomic_write_json, check_writable_dir, cli_entry, parse_device, set_seed
 from data.dataset import AnomalyDataset, load_images
@@ -26,7 +26,7 @@ from data.meta import load_meta
 from fdsl.augment import crop_size, mosaic, zoom_crop
 from fdsl.checkpoint import resolve_pretrained, save_checkpoint
 from fdsl.config import ADAM_BETAS, TrainConfig, build_parser, resolve_config
-from fdsl.model import FDSLHead, fdsl_loss, feature_discrepancy, flatten_tokens, normalize_levels
+from fdsl.model import FDSLHead, default_feature_pool, extract_levels, fdsl_loss, feature_discrepancy, flatten_tokens
 
 
 class FeatureCache:
@@ -68,15 +68,17 @@ def build_training_banks(cfg: TrainConfig, meta: dict, classes: list[str], backb
             print(f"note: class '{name}' has only {len(pool)} normal train images; training bank uses {k}")
         paths = sample_support(meta, name, k, cfg.seed)
         images = load_images(cfg.dataset_root, paths, size, backbone.mean, backbone.std).to(device)
-        feats = normalize_levels(align_features(backbone(images).features))
+        feats = extract_levels(backbone(images).features, cfg.feature_pool)
         banks[name] = [flatten_tokens(f).to(dtype) for f in feats]
     return banks
 
 
 @torch.inference_mode()
-def compute_deviations(backbone, images: torch.Tensor, classes: list[str], banks: dict, signed: bool) -> list:
+def compute_deviations(
+    backbone, images: torch.Tensor, classes: list[str], banks: dict, signed: bool, pool: int = 1
+) -> list:
     """Frozen backbone + FD for a batch of mixed classes. images (B, 3, S, S) -> per level (B, C_l, G, G)."""
-    feats = normalize_levels(align_features(backbone(images).features))
+    feats = extract_levels(backbone(images).features, pool)
     out = [torch.empty_like(f) for f in feats]
     for name in set(classes):
         rows = torch.tensor([i for i, c in enumerate(classes) if c == name], device=images.device)
@@ -127,7 +129,12 @@ class BatchBuilder:
         if todo:
             classes = [self.dataset.items[indices[p]]["cls_name"] for p in todo]
             devs = compute_deviations(
-                self.backbone, torch.stack(todo_images).to(self.device), classes, self.banks, bool(self.cfg.signed)
+                self.backbone,
+                torch.stack(todo_images).to(self.device),
+                classes,
+                self.banks,
+                bool(self.cfg.signed),
+                self.cfg.feature_pool,
             )
             for j, pos in enumerate(todo):
                 slots[pos] = ([d[j] for d in devs], todo_masks[j])
@@ -205,6 +212,8 @@ def run(cfg: TrainConfig) -> dict:
             f"--image-size {cfg.image_size} must be a multiple of {backbone.name}'s patch/stride {backbone.patch_size}"
         )
     cfg.layers = list(getattr(backbone, "layers", cfg.layers) or [])
+    if cfg.feature_pool is None:
+        cfg.feature_pool = default_feature_pool(backbone.kind)
     config = dataclasses.asdict(cfg)
     atomic_write_json(f"{cfg.save_dir}/config.json", config)
     dataset = AnomalyDataset(cfg.dataset_root, "test", None, cfg.image_size, backbone.mean, backbone.std, meta=meta)

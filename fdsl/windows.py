@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common.backbones import Backbone, align_features
+from common.backbones import Backbone
 from common.utils import UserError
-from fdsl.model import normalize_levels
+from fdsl.model import extract_levels
 
 
 def window_starts(grid: int, win: int, stride: int) -> list[int]:
@@ -89,12 +89,13 @@ def crop_windows(images: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
 
 @torch.inference_mode()
 def encode_windows(
-    backbone: Backbone, images: torch.Tensor, geom: WindowGeometry, batch: int = 64
+    backbone: Backbone, images: torch.Tensor, geom: WindowGeometry, batch: int = 64, pool: int = 1
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Encode every window crop with the (frozen) backbone, in batches of crops.
 
     Returns:
-        per-level L2-normalised features (B * n_windows, C_l, t, t) with t = geom.tokens, and the
+        per-level L2-normalised features (B * n_windows, C_l, t, t) with t = geom.tokens (after the same
+        `pool` local averaging as the main branch, see `fdsl.model.extract_levels`), and the
         L2-normalised pooled embeddings (B * n_windows, D) used as keys of the image-feature index bank.
     """
     crops = crop_windows(images, geom)
@@ -102,7 +103,7 @@ def encode_windows(
     pooled = []
     for start in range(0, crops.shape[0], batch):
         out = backbone(crops[start : start + batch])
-        levels.append(normalize_levels(align_features(out.features, (geom.tokens, geom.tokens))))
+        levels.append(extract_levels(out.features, pool, (geom.tokens, geom.tokens)))
         pooled.append(F.normalize(out.pooled.float(), dim=1))
     features = [torch.cat([chunk[i] for chunk in levels]) for i in range(len(levels[0]))]
     return features, torch.cat(pooled)
