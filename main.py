@@ -5,18 +5,28 @@ Usage (design/CONTRACT.md):
                    [--backbone NAME] [--image-size N] [--epochs N] [--device D]
 Writes OUT/results.json, OUT/log.txt and OUT/checkpoints/<class>.pt. Settings: dataclass defaults (the CPU
 setting) < `--config FILE` (e.g. configs/pcsnet/paper.yaml) < flags.
+Under torchrun (`torchrun --standalone --nproc_per_node N main.py ...`) class i runs on rank i % N and rank 0
+writes the merged results. `--resume` records each finished class in OUT/classes/<class>.json and skips them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # repo root, so `common`/`pcsnet` import from anywhere
 
-from common.utils import UserError, check_writable_dir, cli_entry, parse_device, set_seed  # noqa: E402
+from common.utils import (  # noqa: E402
+    UserError,
+    check_output_outside,
+    check_writable_dir,
+    cli_entry,
+    parse_device,
+    set_seed,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,14 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="clean support images per training step (default 2)")
     p.add_argument("--pdc-mode", choices=("softmax", "bce"), help="L_PDC form (default softmax ranking)")
     p.add_argument("--fuse-pfa", type=float, help="add this weight x the PFA distance map to the CAS map (default 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any PCSNet config option (YAML value), e.g. --set lr_cas=0.001; repeatable")  # fmt: skip
     p.add_argument("--vis-dir", metavar="DIR", help="write heat-map PNG panels of every test image here")
     p.add_argument("--no-checkpoints", action="store_true", help="do not write checkpoints/<class>.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="record each finished class in OUT/classes/<class>.json and skip the classes recorded there by an "
+        "earlier run with the same options (refuses records from other options)",
+    )
     return p
 
 
 def resolve_config(args: argparse.Namespace):
     """Dataclass < YAML < flags."""
+    import yaml
+
     from pcsnet.config import load_config
 
     overrides = {
@@ -58,6 +78,17 @@ def resolve_config(args: argparse.Namespace):
     }  # fmt: skip
     if args.no_checkpoints:
         overrides["save_checkpoints"] = False
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        overrides[key.strip().replace("-", "_")] = parsed
     return load_config(args.config, overrides)
 
 
@@ -86,49 +117,117 @@ def select_classes(meta: dict, class_name: str) -> list[str]:
     return [class_name]
 
 
+def run_key(args: argparse.Namespace, cfg) -> dict:
+    """What a recorded class result depends on: data, k, seed and the resolved config (as JSON would store it)."""
+    from pcsnet.config import config_to_dict
+
+    config = {k: v for k, v in config_to_dict(cfg).items() if k != "save_checkpoints"}
+    key = {"data_root": str(Path(args.data_root).resolve()), "k_shot": args.k_shot, "seed": args.seed, "config": config}
+    return json.loads(json.dumps(key))
+
+
+def load_finished(save_dir: Path, classes: list[str], key: dict) -> dict[str, dict]:
+    """The class records of an earlier `--resume` run in SAVE_DIR/classes/; UserError if one has other options."""
+    done = {}
+    for name in classes:
+        path = save_dir / "classes" / f"{name}.json"
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--resume: cannot read {path}: {exc}") from exc
+        if record.get("run") != key:
+            old, new = record.get("run") or {}, key
+            diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            if "config" in diffs:
+                oc, nc = old.get("config") or {}, new["config"]
+                diffs += [k for k in sorted(set(oc) | set(nc)) if oc.get(k) != nc.get(k)]
+            raise UserError(
+                f"--resume: {path} was recorded with other options ({', '.join(d for d in diffs if d != 'config')}); "
+                "use the same options or another --save-dir"
+            )
+        done[name] = record
+    return done
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Train and evaluate PCSNet on every selected class; write results.json and log.txt."""
     args = build_parser().parse_args(argv)
     check_args(args)
     cfg = resolve_config(args)
-    device = parse_device(args.device)
+    from common import distributed
+
+    device = distributed.init(parse_device(args.device))
+    check_output_outside(args.save_dir, args.data_root, "--save-dir")
     save_dir = check_writable_dir(args.save_dir)
 
     from common.backbones import build_backbone
-    from common.evaluation import EvalConfig, evaluate
+    from common.evaluation import ClassResult, EvalConfig, check_eval_inputs, evaluate_sharded
     from common.few_shot import sample_support
     from common.results import build_results, write_results
+    from common.utils import atomic_write_json
     from data.meta import load_meta
     from pcsnet.config import config_to_dict
     from pcsnet.trainer import PCSNetDetector
 
     meta = load_meta(args.data_root)
     classes = select_classes(meta, args.class_name)
-    for name in classes:  # fail on a bad class or k before loading any weights
-        sample_support(meta, name, args.k_shot, args.seed)
+    check_eval_inputs(meta, args.data_root, classes, args.k_shot, args.seed)  # before loading any weights
     set_seed(args.seed)
+    key = run_key(args, cfg)
+    # rank 0 reads the records and hands them to the others, so every rank agrees on what is left to run
+    done = distributed.gather_objects(
+        load_finished(save_dir, classes, key) if args.resume and distributed.is_main() else {}
+    )[0]
+    todo = [c for c in classes if c not in done]
     backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, layers=cfg.layers, device=device)
     detector = PCSNetDetector(
         backbone, cfg, args.seed, save_dir if cfg.save_checkpoints else None,
-        support_paths=lambda name: sample_support(meta, name, args.k_shot, args.seed), progress=not args.quiet,
+        support_paths=lambda name: sample_support(meta, name, args.k_shot, args.seed),
+        progress=not args.quiet and distributed.is_main(),
     )  # fmt: skip
+
+    def record(name: str, result) -> None:
+        history = detector.histories.get(name)
+        atomic_write_json(save_dir / "classes" / f"{name}.json", {
+            "run": key, "metrics": result.metrics, "support": result.support, "n_images": result.n_images,
+            "seconds": result.seconds, "train_seconds": detector.train_seconds.get(name, 0.0),
+            "final_loss": history[-1] if history else None,
+        })  # fmt: skip
+
     eval_cfg = EvalConfig(
         dataset_root=args.data_root, k_shot=args.k_shot, seed=args.seed, image_size=cfg.image_size,
-        mean=backbone.mean, std=backbone.std, class_names=classes, batch_size=cfg.test_batch_size,
-        smooth_sigma=cfg.smooth_sigma, device=device, vis_dir=args.vis_dir,
+        mean=backbone.mean, std=backbone.std, class_names=todo, batch_size=cfg.test_batch_size,
+        smooth_sigma=cfg.smooth_sigma, device=device, vis_dir=args.vis_dir, class_done=record if args.resume else None,
     )  # fmt: skip
+    if done and distributed.is_main():
+        print(f"--resume: {len(done)} class(es) already recorded in {save_dir / 'classes'}: {', '.join(done)}")
     start = time.perf_counter()
-    per_class, _ = evaluate(detector, eval_cfg, progress=not args.quiet)
+    fresh, train_s, final_losses = {}, {}, {}
+    if todo:
+        fresh, _, payloads = evaluate_sharded(
+            detector, eval_cfg, progress=not args.quiet and distributed.is_main(),
+            payload=lambda: (detector.train_seconds, {c: h[-1] if h else None for c, h in detector.histories.items()}),
+        )  # fmt: skip
+        for seconds, losses in payloads:
+            train_s.update(seconds)
+            final_losses.update(losses)
     total = time.perf_counter() - start
-    train_s = detector.train_seconds
+    for name, rec in done.items():
+        fresh[name] = ClassResult(rec["metrics"], rec["support"], rec["n_images"], rec["seconds"])
+        train_s[name], final_losses[name] = rec["train_seconds"], rec["final_loss"]
+        total += rec["seconds"]
+    per_class = {c: fresh[c] for c in classes}
+    train_s = {c: train_s[c] for c in classes if c in train_s}
     test_s = {c: r.seconds - train_s.get(c, 0.0) for c, r in per_class.items()}
     n_images = sum(r.n_images for r in per_class.values())
     extra = {"pcsnet": {
         "config": config_to_dict(cfg),
         "train_seconds": train_s,
         "test_seconds_per_image": sum(test_s.values()) / max(n_images, 1),
-        "final_losses": {c: h[-1] if h else None for c, h in detector.histories.items()},
+        "final_losses": {c: final_losses.get(c) for c in classes},
     }}  # fmt: skip
     results = build_results(
         "pcsnet", args.data_root, args.k_shot, args.seed, cfg.backbone, cfg.image_size,
@@ -137,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     log = [f"{c}: train {train_s.get(c, 0.0):.1f} s, test {test_s[c] / max(per_class[c].n_images, 1):.3f} s/image"
            for c in per_class]  # fmt: skip
-    write_results(save_dir, results, log)
-    print(Path(save_dir, "log.txt").read_text())
+    distributed.cleanup()
+    if distributed.is_main():
+        write_results(save_dir, results, log)
+        print(Path(save_dir, "log.txt").read_text())
     return 0
 
 

@@ -16,10 +16,10 @@ fdsl_parse_args "$@"
 fdsl_setup_env
 
 echo "== (a) train on MVTec ($MVTEC_ROOT), $EPOCHS_MVTEC epochs -> $EXP_TRAINED_ON_MVTEC"
-"$PYTHON" -m fdsl.train --dataset-root "$MVTEC_ROOT" --save-dir "$EXP_TRAINED_ON_MVTEC" --epochs "$EPOCHS_MVTEC" \
+"${LAUNCH[@]}" -m fdsl.train --dataset-root "$MVTEC_ROOT" --save-dir "$EXP_TRAINED_ON_MVTEC" --epochs "$EPOCHS_MVTEC" \
   --use-nam "$USE_NAM" --aug-rate 0.3 --use-crop 0 "${COMMON[@]}"
 echo "== (b) train on VisA ($VISA_ROOT), $EPOCHS_VISA epochs -> $EXP_TRAINED_ON_VISA"
-"$PYTHON" -m fdsl.train --dataset-root "$VISA_ROOT" --save-dir "$EXP_TRAINED_ON_VISA" --epochs "$EPOCHS_VISA" \
+"${LAUNCH[@]}" -m fdsl.train --dataset-root "$VISA_ROOT" --save-dir "$EXP_TRAINED_ON_VISA" --epochs "$EPOCHS_VISA" \
   --use-nam "$USE_NAM" --aug-rate 0 --use-crop 1 "${COMMON[@]}"
 echo "== (c) test VisA, $KSHOTS-shot, seed $SEED, with epoch $EPOCHS_MVTEC of (a)"
 fdsl_test "$VISA_ROOT" "$EXP_TRAINED_ON_MVTEC/epoch_$EPOCHS_MVTEC.pth" \

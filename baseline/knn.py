@@ -17,10 +17,19 @@ import torch.nn.functional as F
 
 from common.anomaly_map import GAUSSIAN_SIGMA
 from common.backbones import align_features, build_backbone, resolve_image_size
-from common.evaluation import EvalConfig, evaluate
+from common.evaluation import EvalConfig, check_eval_inputs, evaluate
 from common.memory_bank import MemoryBank
 from common.results import build_results, format_table, write_results
-from common.utils import check_writable_dir, cli_entry, parse_device, parse_int_list, set_seed
+from common.utils import (
+    UserError,
+    check_output_outside,
+    check_writable_dir,
+    cli_entry,
+    parse_device,
+    parse_int_list,
+    set_seed,
+)
+from data.meta import load_meta
 
 
 class KNNDetector(nn.Module):
@@ -73,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="comma-separated backbone levels (default per backbone)")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: the backbone's)")
     p.add_argument("--metric", choices=("l2", "cosine"), default="l2")
-    p.add_argument("--nn-backend", choices=("auto", "torch", "faiss"), default="auto",
-                   help="auto: faiss on CPU (faster here), torch on CUDA")
+    p.add_argument(
+        "--nn-backend",
+        choices=("auto", "torch", "faiss"),
+        default="auto",
+        help="auto: faiss on CPU (faster here), torch on CUDA",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--vis", action="store_true", help="save image | heat-map panels under SAVE_DIR/vis")
@@ -85,12 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.image_size is not None and args.image_size < 1:
+        raise UserError(f"--image-size must be positive (got {args.image_size})")
     device = parse_device(args.device)
+    layers = parse_int_list(args.layers, "--layers")
+    # every input check before the backbone loads: the dataset, the classes and their support draws, the output
+    classes = None if args.class_name == "all" else args.class_name.split(",")
+    meta = load_meta(args.dataset_root)
+    check_eval_inputs(meta, args.dataset_root, classes, args.k_shot, args.seed)
+    check_output_outside(args.save_dir, args.dataset_root, "--save-dir")
     check_writable_dir(args.save_dir)
     set_seed(args.seed)
-    backbone = build_backbone(args.backbone, args.pretrained, parse_int_list(args.layers, "--layers"), device)
+    backbone = build_backbone(args.backbone, args.pretrained, layers, device)
     size = resolve_image_size(backbone, args.image_size)
-    classes = None if args.class_name == "all" else args.class_name.split(",")
     detector = KNNDetector(backbone, args.metric, nn_backend=args.nn_backend)
     cfg = EvalConfig(
         args.dataset_root, args.k_shot, args.seed, size, backbone.mean, backbone.std, classes,

@@ -283,6 +283,17 @@ def _resolve_clip_weights(name: str, pretrained: str) -> Path:
     return found
 
 
+def _default_clip_tag(name: str) -> str:
+    """`openai` when open_clip has such weights for `name` (as FDSL's default), else a UserError listing the tags."""
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if "openai" in tags:
+        return "openai"
+    listed = ", ".join(tags) if tags else "none known to open_clip"
+    raise UserError(f"backbone {name} needs --pretrained: an open_clip tag ({listed}) or a weights file")
+
+
 def _build_clip(name: str, pretrained: str | None, layers: Sequence[int] | None, quick_gelu: bool) -> Backbone:
     import logging
 
@@ -291,9 +302,13 @@ def _build_clip(name: str, pretrained: str | None, layers: Sequence[int] | None,
     if name != TINY_VIT and open_clip.get_model_config(name) is None:
         known = ", ".join([TINY_VIT, *CNN_NAMES]) + ", or an open_clip model such as ViT-L-14-336"
         raise UserError(f"unknown backbone '{name}'; use {known}")
+    if pretrained is None and name != TINY_VIT:
+        pretrained = _default_clip_tag(name)  # never a silently random CLIP
     path = _resolve_clip_weights(name, pretrained) if pretrained else None  # fail fast, before building
-    if name == TINY_VIT:
-        model = open_clip.CLIP(**TINY_VIT_CFG, quick_gelu=quick_gelu)
+    if name == TINY_VIT:  # fixed random weights: training, testing and every rerun see the same backbone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = open_clip.CLIP(**TINY_VIT_CFG, quick_gelu=quick_gelu)
     else:
         root_logger = logging.getLogger()
         level = root_logger.level

@@ -10,20 +10,23 @@ not grow with the number of classes).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from common import distributed
 from common.anomaly_map import gaussian_smooth, image_score_max, upsample_map
 from common.few_shot import sample_support
 from common.metrics import compute_metrics
+from common.utils import UserError
 from data.dataset import AnomalyDataset, load_images
 from data.meta import load_meta
 
@@ -52,6 +55,7 @@ class EvalConfig:
     class_score_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
     vis_dir: str | None = None  # heat-map PNG panels per test image when set
     support_draw: int = 0
+    class_done: Callable[[str, ClassResult], None] | None = None  # called after each class (e.g. to record it)
 
 
 @dataclass
@@ -63,9 +67,48 @@ class ClassResult:
     extra: dict = field(default_factory=dict)
 
 
+def check_eval_inputs(
+    meta: dict, root: str | Path, class_names: list[str] | None, k_shot: int, seed: int, draw: int = 0
+) -> list[str]:
+    """Check the classes and every class's support draw before any model work; return the classes to evaluate.
+
+    Raises:
+        UserError: an unknown class, a k-shot below 1 or above a class's normal training images, naming the flag and
+            ROOT/meta.json.
+    """
+    path = Path(root) / "meta.json"
+    if k_shot < 1:
+        raise UserError(f"--k-shot must be at least 1 (got {k_shot})")
+    known = list(meta["test"])
+    if class_names:
+        unknown = [name for name in class_names if name not in known]
+        if unknown:
+            raise UserError(
+                f"unknown class(es) {', '.join(unknown)} (--class-name): {path} has {', '.join(known) or 'none'}"
+            )
+    wanted = [name for name in known if not class_names or name in class_names]
+    if not wanted:
+        raise UserError(f"{path} lists no test classes; regenerate it (python data/mvtec.py --root {root})")
+    for name in wanted:
+        pool = [item for item in meta["train"].get(name, []) if item["anomaly"] == 0]
+        if not pool:
+            raise UserError(
+                f"class '{name}' has no normal training images in {path}, so no support can be drawn; add "
+                f"{name}/train/good images or choose other classes with --class-name"
+            )
+        if k_shot > len(pool):
+            raise UserError(
+                f"--k-shot {k_shot} is larger than the {len(pool)} normal training images of class '{name}' in {path}; "
+                f"use --k-shot {len(pool)} or fewer"
+            )
+        sample_support(meta, name, k_shot, seed, draw=draw)
+    return wanted
+
+
 def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tuple[dict[str, ClassResult], float]:
     """Run the few-shot protocol over every (selected) class. Returns per-class results and total seconds."""
     meta = load_meta(cfg.dataset_root)
+    check_eval_inputs(meta, cfg.dataset_root, cfg.class_names, cfg.k_shot, cfg.seed, cfg.support_draw)
     dataset = AnomalyDataset(cfg.dataset_root, "test", cfg.class_names, cfg.image_size, cfg.mean, cfg.std, meta=meta)
     out: dict[str, ClassResult] = {}
     total = 0.0
@@ -106,7 +149,39 @@ def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tupl
         if cfg.vis_dir:
             _save_panels(Path(cfg.vis_dir) / class_name, cfg.dataset_root, paths, map_np, size)
         out[class_name] = ClassResult(metrics, support, len(indices), seconds)
+        if cfg.class_done is not None:
+            cfg.class_done(class_name, out[class_name])
     return out, total
+
+
+def evaluate_sharded(
+    detector: Detector, cfg: EvalConfig, progress: bool = True, payload: Callable[[], Any] | None = None
+) -> tuple[dict[str, ClassResult], float, list]:
+    """evaluate() with the classes shared out over the torchrun ranks: class i goes to rank i % world_size.
+
+    Every class is set up and scored exactly as in a single process (support draws and per-class seeds depend on
+    the class only), so the merged metrics are the single-process ones. Returns, on every rank, the per-class
+    results in the single-process class order, the summed seconds and each rank's `payload()` (rank order).
+    A UserError on any rank is raised on every rank (no rank is left waiting). Without torchrun: evaluate().
+    """
+    meta = load_meta(cfg.dataset_root)
+    names = check_eval_inputs(meta, cfg.dataset_root, cfg.class_names, cfg.k_shot, cfg.seed, cfg.support_draw)
+    mine = distributed.shard(names)
+    try:
+        per_class, seconds = (
+            evaluate(detector, dataclasses.replace(cfg, class_names=mine), progress) if mine else ({}, 0.0)
+        )
+        part = ("ok", per_class, seconds, payload() if payload else None)
+    except UserError as exc:
+        if not distributed.is_distributed():
+            raise
+        part = ("error", str(exc), 0.0, None)
+    parts = distributed.gather_objects(part)
+    for status, message, _, _ in parts:
+        if status == "error":
+            raise UserError(message)
+    merged = {name: result for _, results, _, _ in parts for name, result in results.items()}
+    return {name: merged[name] for name in names}, sum(p[2] for p in parts), [p[3] for p in parts]
 
 
 def _save_panels(folder: Path, root: str, paths: list[str], maps: np.ndarray, size: int) -> None:

@@ -38,7 +38,14 @@ from common.predict import (
     resize_map,
     try_read,
 )
-from common.utils import UserError, atomic_write_json, atomic_write_text, check_writable_dir, parse_device
+from common.utils import (
+    UserError,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_outside,
+    check_writable_dir,
+    parse_device,
+)
 from common.visualization import save_panel
 
 PANEL_MAX_SIDE = 2048  # larger images are shown downscaled in their panel (3 panels of a 6000 px photo = 18000 px)
@@ -170,9 +177,13 @@ def run_cli(args: Any, method: str, build_fn: Callable[..., Any], options: dict)
     if args.batch_size < 1 or args.margin < 0 or args.z < 0:
         raise UserError("--batch-size must be >= 1 and --margin, --z >= 0")
     device = parse_device(args.device)
-    out = check_writable_dir(args.out)
-    paths = collect_images(args.images, "--images")  # fail fast, before the model loads
+    for flag, sources in (("--reference", args.reference), ("--images", args.images)):
+        for source in sources:  # panels written into an input folder would be read as inputs next time
+            if Path(source).is_dir():
+                check_output_outside(args.out, source, "--out", f"the {flag} folder")
+    paths = collect_images(args.images, "--images")  # fail fast, before the model loads or OUT is created
     references, names, bad_refs = read_references(args.reference)
+    out = check_writable_dir(args.out)
     detector = build_fn(references, device, **options)
     predictor = Predictor(
         detector, references, args.class_name, threshold=args.threshold, pixel_threshold=args.pixel_threshold,

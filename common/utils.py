@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -72,11 +74,31 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
         raise UserError(f"{flag} {text!r} must be comma-separated integers") from exc
 
 
+def _write_error(path: Path, exc: OSError) -> str:
+    """One line for a failed write of `path`: the OS reason and what to do about it."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some disk space (or choose another output folder) and run again"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "choose a writable output folder"
+    else:
+        hint = "check the output folder"
+    return f"cannot write {path}: {reason}; {hint} (an earlier {path.name}, if any, is unchanged)"
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
-    """Write through a temporary file in the same folder, fsync, then rename over the target."""
+    """Write through a temporary file in the same folder, fsync, then rename over the target.
+
+    Raises:
+        UserError: the folder cannot be written (read-only, disk full, ...), naming `path`; no partial file is
+            left behind and an existing `path` is untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(_write_error(path, exc)) from exc
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give results the usual permissions
         with os.fdopen(fd, mode) as handle:
@@ -84,9 +106,11 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: s
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise UserError(_write_error(path, exc)) from exc
         raise
     return path
 
@@ -103,22 +127,77 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return _atomic_write(path, lambda fh: fh.write(data), "wb")
 
 
+class _WriteRecorder:
+    """A binary file wrapper that remembers the first OSError of `write` (torch.save turns it into a RuntimeError)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
-    return _atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
+    def write(handle: Any) -> None:
+        recorder = _WriteRecorder(handle)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:  # disk full etc.: report the OS error, not torch's "unexpected pos"
+                raise recorder.error from None
+            raise
+
+    return _atomic_write(path, write, "wb")
 
 
 def check_writable_dir(path: str | os.PathLike) -> Path:
-    """Create `path` if needed and check it can be written, raising UserError otherwise."""
+    """Create `path` if needed and check that a file can be created in it, raising UserError otherwise.
+
+    The check writes and removes a probe file: `os.access` says yes to root on a folder without write permission
+    and cannot see every read-only mount.
+    """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output folder {path} exists and is not a folder; choose another path")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create output folder {path}: {exc.strerror or exc}") from exc
-    if not os.access(path, os.W_OK):
-        raise UserError(f"output folder {path} is not writable")
+        raise UserError(f"cannot create output folder {path}: {exc.strerror or exc}; choose another path") from exc
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"output folder {path} is not writable ({exc.strerror or exc}); choose another folder") from exc
     return path
+
+
+def check_output_outside(
+    output: str | os.PathLike, folder: str | os.PathLike, flag: str, what: str = "the dataset folder"
+) -> None:
+    """UserError when the output folder is `folder` or inside it (a run never writes into its input data)."""
+    out, root = Path(output).resolve(), Path(folder).resolve()
+    if out == root or root in out.parents:
+        raise UserError(f"{flag} {output} is inside {what} {folder}; choose a folder outside it")
+
+
+def _one_line(exc: UserError) -> str:
+    """The message on one line. A DataLoader worker re-raises a UserError with the worker's traceback in the text
+    ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): keep only the original message."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = re.sub(r"^[\w.]*UserError: ", "", last)
+    return " ".join(text.split())
 
 
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
@@ -129,7 +208,7 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             code = main(*args, **kwargs)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

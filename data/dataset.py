@@ -24,6 +24,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # What PIL raises for unreadable, truncated or malformed files (UnidentifiedImageError is an OSError).
+# A mask may hold 0 plus one defect value (0/255, 0/1) or a few instance labels; more levels mean a grey image.
+MAX_MASK_LEVELS = 32
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
@@ -33,13 +35,14 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist")
     if path.stat().st_size == 0:
-        raise UserError(f"{what} file {path} is empty (0 bytes)")
+        raise UserError(f"{what} file {path} is empty (0 bytes); replace or remove it")
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later inside a transform
             return img.copy()
     except _DECODE_ERRORS as exc:
-        raise UserError(f"cannot read {what} file {path}: {exc}") from exc
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"cannot read {what} file {path}: {reason}; replace or remove it") from exc
 
 
 def _gray_to_uint8(img: Image.Image) -> np.ndarray:
@@ -68,19 +71,37 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
+def _count_levels(values: np.ndarray) -> int:
+    """Number of distinct values of a mask array (bincount for uint8, about 1 ms per megapixel)."""
+    if values.dtype == np.uint8:
+        return int(np.count_nonzero(np.bincount(values.ravel(), minlength=256)))
+    return int(np.unique(values).size)
+
+
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a mask as bool `(H, W)`: a pixel is defective iff its value is > 0 (in any colour channel).
 
+    0/255 (MVTec), 0/1 and small instance labels 1, 2, ... (VisA) are all fine. A mask with more than
+    MAX_MASK_LEVELS distinct values is a grey image (a photo, a JPEG-compressed or a resampled mask) whose
+    binarisation at > 0 would swell every defect, so it is refused.
+
     Raises:
-        UserError: missing, zero-byte, truncated or unreadable file (named in the message).
+        UserError: missing, zero-byte, truncated, unreadable or non-binary file (named in the message).
     """
     img = _open(path, "mask")
     if img.mode == "LA":
-        return np.asarray(img)[:, :, 0] > 0
-    if img.mode in ("1", "L", "I", "F", *_SIXTEEN_BIT_MODES):
-        return np.asarray(img) > 0
-    array = np.asarray(img.convert("RGB"))  # palette / RGB(A) masks: any coloured pixel is a defect
-    return array.max(axis=2) > 0
+        values = np.asarray(img)[:, :, 0]
+    elif img.mode in ("1", "L", "I", "F", *_SIXTEEN_BIT_MODES):
+        values = np.asarray(img)
+    else:
+        values = np.asarray(img.convert("RGB")).max(axis=2)  # palette / RGB(A) masks: any coloured pixel is a defect
+    levels = _count_levels(values)
+    if levels > MAX_MASK_LEVELS:
+        raise UserError(
+            f"mask file {path} is not a binary mask: it has {levels} grey levels (a JPEG, resampled or grey image?); "
+            "save it as a PNG with 0 for good pixels and 255 (or instance labels 1, 2, ...) for defects"
+        )
+    return values > 0
 
 
 def _check_size(image_size: int) -> int:
@@ -202,7 +223,7 @@ class AnomalyDataset(Dataset):
             if mask.shape != image.shape[:2]:
                 raise UserError(
                     f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
-                    f"{image.shape[1]}x{image.shape[0]}"
+                    f"{image.shape[1]}x{image.shape[0]}; a mask must have its image's size"
                 )
             gt_mask = preprocess_mask(mask, size)
         else:

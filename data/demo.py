@@ -215,13 +215,16 @@ def _prepare_root(root: Path) -> None:
     if root.is_dir() and any(root.iterdir()) and not (root / MARKER).is_file():
         raise UserError(f"--root {root} is not empty and was not made by data/demo.py (no {MARKER}): use a new folder")
     check_writable_dir(root)
-    for name in DATASETS:
-        path = root / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    (root / MARKER).write_text("made by data/demo.py; a rebuild replaces textile/, materials/ and surfaces/\n")
+    try:
+        for name in DATASETS:
+            path = root / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        (root / MARKER).write_text("made by data/demo.py; a rebuild replaces textile/, materials/ and surfaces/\n")
+    except OSError as exc:
+        raise UserError(f"cannot prepare --root {root}: {exc.strerror or exc}; choose a writable folder") from exc
 
 
 def _summary(metas: dict[str, dict]) -> str:
@@ -257,9 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     root = Path(args.root)
     _prepare_root(root)
-    build_textile(root, args.small)
-    build_materials(root, args.seed, args.size, args.small)
-    build_surfaces(root, args.seed, args.size, args.small)
+    try:
+        build_textile(root, args.small)
+        build_materials(root, args.seed, args.size, args.small)
+        build_surfaces(root, args.seed, args.size, args.small)
+    except OSError as exc:  # disk full, permissions: name the folder (a write error often carries no file name)
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise UserError(
+            f"cannot write the demo datasets in {root}: {exc.strerror or exc}{where}; free some space or choose "
+            "another --root, then run again (the partial build is replaced)"
+        ) from exc
     metas = {}
     for dataset in DATASETS:
         metas[dataset] = scan_mvtec_layout(root / dataset, verbose=False)

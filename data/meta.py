@@ -26,11 +26,23 @@ GENERATORS = "python data/mvtec.py --root {root} (or data/visa.py / data/mpdd.py
 # ----------------------------------------------------------------------------------------------- read / write
 
 
-def load_meta(root: str | os.PathLike) -> dict:
+def check_dataset_folder(root: str | os.PathLike) -> None:
+    """UserError unless `root` is an existing folder (a missing path and a file get different messages)."""
+    root = Path(root)
+    if root.is_dir():
+        return
+    if root.exists():
+        raise UserError(f"dataset folder {root} is a file, not a folder (an archive must be unpacked first)")
+    raise UserError(f"dataset folder {root} does not exist")
+
+
+def load_meta(root: str | os.PathLike, check_files: bool = True) -> dict:
     """Read and validate ROOT/meta.json.
 
     Args:
         root: dataset root folder.
+        check_files: also check that every listed image and mask exists and is not empty (one `stat` per file, so
+            a run stops before it loads a model, not at the missing file).
 
     Returns:
         The meta dict, `{"train": {cls: [item]}, "test": {cls: [item]}}`.
@@ -39,8 +51,7 @@ def load_meta(root: str | os.PathLike) -> dict:
         UserError: the folder or file is missing, the JSON is corrupt or its structure is wrong.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"dataset folder {root} does not exist (or is not a folder)")
+    check_dataset_folder(root)
     path = root / META_NAME
     if not path.is_file():
         raise UserError(f"{path} not found: create it first with `{GENERATORS.format(root=root)}`")
@@ -51,8 +62,11 @@ def load_meta(root: str | os.PathLike) -> dict:
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
-    validate_meta(meta, root)
+        raise UserError(
+            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+            f"regenerate it with `{GENERATORS.format(root=root)}`"
+        ) from exc
+    validate_meta(meta, root, check_files=check_files)
     return meta
 
 
@@ -61,8 +75,12 @@ def _check_item(item: Any, where: str, class_name: str) -> None:
     if not isinstance(item, dict):
         raise UserError(f"{where}: expected an object with keys {', '.join(ITEM_KEYS)}, got {type(item).__name__}")
     missing = [key for key in ITEM_KEYS if key not in item]
-    if missing:
-        raise UserError(f"{where}: missing key(s) {', '.join(missing)}")
+    unknown = [str(key) for key in item if key not in ITEM_KEYS]
+    if missing or unknown:
+        parts = ([f"missing key(s) {', '.join(missing)}"] if missing else []) + (
+            [f"unknown key(s) {', '.join(unknown)}"] if unknown else []
+        )
+        raise UserError(f"{where}: {'; '.join(parts)} (an item has exactly {', '.join(ITEM_KEYS)})")
     for key in ("img_path", "mask_path", "cls_name", "specie_name"):
         if not isinstance(item[key], str):
             raise UserError(f"{where}: '{key}' must be a string, got {item[key]!r}")
@@ -109,14 +127,25 @@ def validate_meta(meta: Any, root: str | os.PathLike, check_files: bool = False)
 
 
 def _check_files_exist(meta: dict, root: Path, path: Path) -> None:
-    """Raise UserError naming the first image or mask listed in `meta` that is not a file under `root`."""
+    """Raise UserError naming the first image or mask listed in `meta` that is missing or empty (0 bytes)."""
     for split in SPLITS:
         for items in meta[split].values():
             for item in items:
                 for key in ("img_path", "mask_path"):
                     rel = item[key]
-                    if rel and not (root / rel).is_file():
-                        raise UserError(f"{path}: {key} {root / rel} does not exist")
+                    if not rel:
+                        continue
+                    try:
+                        size = (root / rel).stat().st_size if (root / rel).is_file() else None
+                    except OSError:
+                        size = None
+                    if size is None:
+                        raise UserError(
+                            f"{path}: {key} {root / rel} does not exist; restore the file or regenerate meta.json "
+                            f"with `{GENERATORS.format(root=root)}`"
+                        )
+                    if size == 0:
+                        raise UserError(f"{path}: {key} {root / rel} is empty (0 bytes); replace or remove the file")
 
 
 def write_meta(root: str | os.PathLike, meta: dict) -> Path:
@@ -128,8 +157,7 @@ def write_meta(root: str | os.PathLike, meta: dict) -> Path:
         The path written.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"dataset folder {root} does not exist (or is not a folder)")
+    check_dataset_folder(root)
     validate_meta(meta, root)
     return atomic_write_json(root / META_NAME, meta, indent=4)
 
@@ -255,6 +283,54 @@ def _check_orphan_mask_folders(class_dir: Path) -> None:
             raise UserError(f"mask {masks[0]} has no matching image: there is no {class_dir / 'test' / mask_dir.name}")
 
 
+def _header_size(path: Path, what: str) -> tuple[int, int]:
+    """(width, height) from an image file's header (nothing is decoded), or a UserError naming the file."""
+    from PIL import Image, UnidentifiedImageError  # here: the generators start faster without PIL
+
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} {path} is empty (0 bytes); replace or remove it, then run this again")
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise UserError(f"{what} {path} is not a readable image ({exc}); replace or remove it") from exc
+
+
+def check_image_headers(meta: dict, root: str | os.PathLike, listed_in: str | os.PathLike | None = None) -> None:
+    """Check every listed image and mask: present, not empty, a readable image header, mask size = image size.
+
+    Only headers are read (about 0.1 ms a file), so a truncated body is found later, when the image is decoded.
+
+    Args:
+        meta: the meta dict.
+        root: the dataset root the paths are relative to.
+        listed_in: the file the paths came from (e.g. VisA's csv), named in the message of a missing file.
+
+    Raises:
+        UserError: naming the first bad file.
+    """
+    root = Path(root)
+    source = f" (listed in {listed_in})" if listed_in else ""
+    fix = f"restore it or correct {listed_in}" if listed_in else "restore it or remove it from the tree"
+    for split in SPLITS:
+        for items in meta[split].values():
+            for item in items:
+                image = root / item["img_path"]
+                if not image.is_file():
+                    raise UserError(f"image {image}{source} does not exist; {fix}")
+                size = _header_size(image, "image")
+                if item["mask_path"]:
+                    mask = root / item["mask_path"]
+                    if not mask.is_file():
+                        raise UserError(f"mask {mask}{source} does not exist; {fix}")
+                    mask_size = _header_size(mask, "mask")
+                    if mask_size != size:
+                        raise UserError(
+                            f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image {image} is "
+                            f"{size[0]}x{size[1]}; a mask must have its image's size"
+                        )
+
+
 def scan_mvtec_layout(root: str | os.PathLike, verbose: bool = True) -> dict:
     """Build a meta dict from an MVTec-layout tree (MVTec AD, MPDD, custom data).
 
@@ -274,8 +350,7 @@ def scan_mvtec_layout(root: str | os.PathLike, verbose: bool = True) -> dict:
         UserError: missing root, no class folders, or masks that do not pair with images.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"dataset folder {root} does not exist (or is not a folder)")
+    check_dataset_folder(root)
     class_dirs = [p for p in _subfolders(root) if any((p / phase).is_dir() for phase in SPLITS)]
     if not class_dirs:
         hint = ": it looks like one class folder, pass its parent" if (root / "test").is_dir() else ""
@@ -285,6 +360,7 @@ def scan_mvtec_layout(root: str | os.PathLike, verbose: bool = True) -> dict:
         _check_orphan_mask_folders(class_dir)
         for split in SPLITS:
             meta[split][class_dir.name] = _scan_phase(root, class_dir, split)
+    check_image_headers(meta, root)
     if verbose:
         print(format_summary(meta))
     return meta

@@ -18,7 +18,14 @@ import csv
 import os
 
 from common.utils import UserError, cli_entry
-from data.meta import SPLITS, format_summary, validate_meta, write_meta
+from data.meta import (
+    SPLITS,
+    check_dataset_folder,
+    check_image_headers,
+    format_summary,
+    validate_meta,
+    write_meta,
+)
 
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
 COLUMNS = ("object", "split", "label", "image", "mask")
@@ -39,8 +46,7 @@ def read_visa_csv(root: str | os.PathLike, csv_path: str | os.PathLike | None = 
         UserError: missing root or csv, missing column, unknown split or label, empty image cell.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"dataset folder {root} does not exist (or is not a folder)")
+    check_dataset_folder(root)
     path = Path(csv_path) if csv_path is not None else root / SPLIT_CSV
     if not path.is_file():
         raise UserError(f"{path} not found: VisA's split_csv/1cls.csv (shipped with the dataset) is required")
@@ -98,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-files", action="store_true", help="check that every image and mask in the csv exists")
     args = parser.parse_args(argv)
     meta = read_visa_csv(args.root)
-    validate_meta(meta, args.root, check_files=args.check_files)
+    validate_meta(meta, args.root)
+    if args.check_files:  # missing or empty files, unreadable headers, masks of the wrong size
+        check_image_headers(meta, args.root, listed_in=args.root / SPLIT_CSV)
     print(format_summary(meta))
     print(f"wrote {write_meta(args.root, meta)}")
     return 0

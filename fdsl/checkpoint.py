@@ -1,7 +1,12 @@
-"""FDSL checkpoints: the head's state dict plus the resolved training config and the backbone's level widths."""
+"""FDSL checkpoints: the head's state dict plus the resolved training config and the backbone's level widths.
+
+Training checkpoints also carry a `resume` entry (optimiser state, every rank's RNG states, world size) that
+`python -m fdsl.train --resume` continues from. Files are written to a temporary name and renamed.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -20,8 +25,14 @@ def resolve_pretrained(backbone: str, pretrained: str | None) -> str | None:
     return pretrained
 
 
-def save_checkpoint(path: str | Path, head: FDSLHead, backbone: Backbone, config: dict, epoch: int) -> Path:
-    """Write {format, head, config, backbone, channels, strides, use_nam, epoch} atomically."""
+# Options that may change between a run and its resumption: they do not change what is trained.
+RESUME_FREE_OPTIONS = ("resume", "epochs", "progress", "device", "num_workers", "cache_mb", "save_dir")
+
+
+def save_checkpoint(
+    path: str | Path, head: FDSLHead, backbone: Backbone, config: dict, epoch: int, resume: dict | None = None
+) -> Path:
+    """Write {format, head, config, backbone, channels, strides, use_nam, epoch[, resume]} atomically."""
     state = {
         "format": FORMAT,
         "head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
@@ -32,7 +43,52 @@ def save_checkpoint(path: str | Path, head: FDSLHead, backbone: Backbone, config
         "use_nam": head.use_nam,
         "epoch": int(epoch),
     }
+    if resume is not None:
+        state["resume"] = resume
     return atomic_torch_save(state, path)
+
+
+def latest_checkpoint(save_dir: str | Path) -> tuple[Path, dict] | None:
+    """The checkpoint with the highest epoch among SAVE_DIR/last.pth and SAVE_DIR/epoch_<E>.pth, loaded.
+
+    Every file there is complete (written under a temporary name, then renamed), so the newest one is a valid
+    resumption point. Returns None when the folder has no checkpoint.
+    """
+    save_dir = Path(save_dir)
+    epochs = [int(m.group(1)) for f in save_dir.glob("epoch_*.pth") if (m := re.fullmatch(r"epoch_(\d+)\.pth", f.name))]
+    candidates = [save_dir / f"epoch_{max(epochs)}.pth"] if epochs else []
+    if (save_dir / "last.pth").is_file():
+        candidates.append(save_dir / "last.pth")
+    loaded = [(path, load_checkpoint(path)) for path in candidates]
+    return max(loaded, key=lambda pair: pair[1]["epoch"], default=None)
+
+
+def remove_stale_temporaries(save_dir: str | Path) -> list[Path]:
+    """Delete temporary files left by a process killed while writing a checkpoint or config.json (our names only)."""
+    pattern = re.compile(r"\.(last\.pth|epoch_\d+\.pth|config\.json)\..+\.tmp")
+    stale = [f for f in Path(save_dir).glob(".*.tmp") if pattern.fullmatch(f.name)]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
+
+
+def check_resume_config(path: str | Path, saved: dict, current: dict) -> None:
+    """UserError (one line naming the differing options) if `saved` was trained with options other than `current`."""
+
+    def norm(key: str, value):
+        return str(Path(value).resolve()) if key == "dataset_root" and value else value
+
+    keys = [k for k in sorted(set(saved) | set(current)) if k not in RESUME_FREE_OPTIONS]
+    diffs = [
+        f"{k} {saved.get(k)!r} vs now {current.get(k)!r}"
+        for k in keys
+        if norm(k, saved.get(k)) != norm(k, current.get(k))
+    ]
+    if diffs:
+        raise UserError(
+            f"--resume: {path} was trained with different options ({'; '.join(diffs)}); "
+            "use the same options or another --save-dir"
+        )
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -68,6 +68,14 @@ class TrainConfig:
     cache_mb: int = _opt(2048, "RAM budget (MiB) for caching FD features of un-augmented images")
     num_workers: int = _opt(0, "DataLoader workers for image decoding")
     progress: int = _opt(1, "tqdm progress bar", choices=(0, 1))
+    resume: int = _opt(
+        0,
+        "continue from the newest complete checkpoint in SAVE_DIR (model, optimiser, RNG states, epoch); a bare "
+        "--resume means 1; starts afresh when there is none; refuses one written with other options",
+        choices=(0, 1),
+        nargs="?",
+        const=1,
+    )
 
 
 @dataclass
@@ -98,8 +106,9 @@ class TestConfig:
     image_score: str = _opt(
         "paper",
         "paper = 0.5 * (score + per-class min-max of map maxima), TRANSDUCTIVE (uses "
-        "the whole test set of the class); max = the image's own score",
-        choices=("paper", "max"),
+        "the whole test set of the class); max = the image's own score (mean over levels of each level map's "
+        "maximum); map = the maximum of the final map after upsampling and smoothing (as the kNN baseline)",
+        choices=("paper", "max", "map"),
     )
     legacy_second_draw: int = _opt(0, "window bank from a second support draw, as the original", choices=(0, 1))
     smooth_sigma: float = _opt(

@@ -30,6 +30,7 @@ class DetectorOptions:
     use_img_idx: bool = False  # image feature index memory bank for the windows (original useimgidx)
     fd_weight: float = 0.0  # a: map = (1 - a) * ASL + a * mean_l(1 - max cos); 0 = the original code
     signed: bool = False  # deviation f - n instead of |f - n| (original useAbs=0)
+    score_from_map: bool = False  # image score = max of the post-processed final map (None to the evaluator)
     feature_pool: int = 1  # local average pooling before FD; must be the checkpoint's (fdsl.model.extract_levels)
     chunk_size: int = 4096  # query rows per similarity matmul
     encode_batch: int = 32  # window crops per backbone call
@@ -204,8 +205,15 @@ class FDSLDetector:
         return F.interpolate(maps[:, None], size=(win, win), mode="bilinear", align_corners=False)[:, 0]
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) normalised images -> pred_score (B,), anomaly_map (B, G, G) on the finest feature grid."""
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(B, 3, S, S) normalised images -> pred_score (B,), anomaly_map (B, G, G) on the finest feature grid.
+
+        With `score_from_map` the score is None: the evaluator takes the maximum of the upsampled, smoothed map.
+        """
+        score, anomaly_map = self._predict(images)
+        return (None if self.opts.score_from_map else score), anomaly_map
+
+    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.bank:
             raise RuntimeError("FDSLDetector.predict called before setup")
         mode, w = self.opts.win_mode, self.opts.win_weight

@@ -3,7 +3,9 @@
 #   MODEL_NAME DEVICE USE_NAM WINMODE WIN_SIZE WIN_STRIDE WIN_WEIGHT SEED KSHOTS
 # Environment: MVTEC_ROOT (data/mvtec), VISA_ROOT (data/visa), BACKBONE (ViT-L-14-336), IMAGE_SIZE (backbone
 # default), EPOCHS_MVTEC (5), EPOCHS_VISA (11), PYTHON (.venv/bin/python if present, else python3),
-# PRETRAINED (CLIP tag or weights file; default openai for CLIP), EXTRA_TEST_ARGS (appended to fdsl.test).
+# PRETRAINED (CLIP tag or weights file; default openai for CLIP), EXTRA_TEST_ARGS (appended to fdsl.test),
+# NPROC (1; above 1 every python step runs as `torchrun --standalone --nproc_per_node NPROC -m ...`, i.e.
+# `$PYTHON -m torch.distributed.run`: DDP training, test classes shared out over the processes).
 
 fdsl_usage() {
   cat >&2 <<USAGE
@@ -20,6 +22,7 @@ usage: bash $FDSL_SCRIPT MODEL_NAME DEVICE USE_NAM WINMODE WIN_SIZE WIN_STRIDE W
 example: bash $FDSL_SCRIPT fdsl 0 1 mul 13 2 0.5 14 1
 environment: MVTEC_ROOT=$FDSL_DEFAULT_MVTEC VISA_ROOT=$FDSL_DEFAULT_VISA BACKBONE=ViT-L-14-336 IMAGE_SIZE=<backbone default>
              EPOCHS_MVTEC=5 EPOCHS_VISA=11 PYTHON=<.venv/bin/python or python3> PRETRAINED=<openai for CLIP>
+             NPROC=1 (processes per step, launched with torchrun when above 1)
 USAGE
   exit 2
 }
@@ -55,6 +58,10 @@ fdsl_setup_env() {
   EPOCHS_VISA=${EPOCHS_VISA:-11}
   [[ "$EPOCHS_MVTEC" =~ ^[1-9][0-9]*$ && "$EPOCHS_VISA" =~ ^[1-9][0-9]*$ ]] \
     || fdsl_bad "EPOCHS_MVTEC and EPOCHS_VISA must be positive integers"
+  NPROC=${NPROC:-1}
+  [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || fdsl_bad "NPROC must be a positive integer, got '$NPROC'"
+  LAUNCH=("$PYTHON")  # torchrun is torch.distributed.run; run through $PYTHON so the same interpreter is used
+  if [ "$NPROC" -gt 1 ]; then LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC"); fi
   COMMON=(--backbone "$BACKBONE" --device "$DEVICE")
   [ -n "${IMAGE_SIZE:-}" ] && COMMON+=(--image-size "$IMAGE_SIZE")
   [ -n "${PRETRAINED:-}" ] && COMMON+=(--pretrained "$PRETRAINED")
@@ -67,7 +74,7 @@ fdsl_setup_env() {
 # fdsl_test DATASET_ROOT CHECKPOINT SAVE_DIR WIN_USE_NAM
 fdsl_test() {
   # shellcheck disable=SC2086  # EXTRA_TEST_ARGS is a word list on purpose
-  "$PYTHON" -m fdsl.test --dataset-root "$1" --checkpoint "$2" --save-dir "$3" --k-shot "$KSHOTS" --seed "$SEED" \
+  "${LAUNCH[@]}" -m fdsl.test --dataset-root "$1" --checkpoint "$2" --save-dir "$3" --k-shot "$KSHOTS" --seed "$SEED" \
     --use-nam "$USE_NAM" --win-mode "$WINMODE" --win-size "$WIN_SIZE" --win-stride "$WIN_STRIDE" \
     --win-weight "$WIN_WEIGHT" --win-use-nam "$4" "${COMMON[@]}" ${EXTRA_TEST_ARGS:-}
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +28,22 @@ if TYPE_CHECKING:
     from fdsl.detector import FDSLDetector
 
 WIN_MODES = ("nan", "mul", "onlywin")
+# The head that ships with the package: trained on the demo `surfaces` set (skimage brick/grass/gravel with
+# synthetic defects, no textile images) with efficientnet_lite0 at 256 px; the command is in docs/PREDICT.md.
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "demo_efficientnet_lite0.pth"
+DEMO_BACKBONE = "efficientnet_lite0"
+
+
+def default_checkpoint(checkpoint: str | None, backbone: str | None) -> str:
+    """The checkpoint to use: the given one, else the shipped demo head for efficientnet_lite0."""
+    if checkpoint:
+        return str(checkpoint)
+    if backbone in (None, DEMO_BACKBONE) and DEMO_CHECKPOINT.is_file():
+        return str(DEMO_CHECKPOINT)
+    raise UserError(
+        "FDSL needs a checkpoint: --checkpoint FILE written by python -m fdsl.train (the shipped demo head "
+        f"{DEMO_CHECKPOINT.name} only fits --backbone {DEMO_BACKBONE})"
+    )
 
 
 def build_fdsl_detector(
@@ -47,6 +64,7 @@ def build_fdsl_detector(
     image_size: int | None = None,
     smooth_sigma: float = GAUSSIAN_SIGMA,
     chunk_size: int = 4096,
+    image_score: str = "max",
     **unknown: Any,
 ) -> FDSLDetector:
     """FDSL as a predict detector (builder contract in common/predict.py), built as `python -m fdsl.test` does.
@@ -54,7 +72,8 @@ def build_fdsl_detector(
     Args:
         references: RGB uint8 good images (unused here: the banks are filled by `setup`).
         device: torch device.
-        checkpoint: FDSL checkpoint written by `python -m fdsl.train` (required).
+        checkpoint: FDSL checkpoint written by `python -m fdsl.train`; None = the shipped demo head
+            (efficientnet_lite0 only, `DEMO_CHECKPOINT`).
         win_mode: LFE windows: `nan` (off), `mul` (blend) or `onlywin`.
         win_size, win_stride, win_weight, win_zoom, win_use_nam, use_img_idx: window options (see fdsl.test).
         use_nam: use the NAM outputs (None = as trained).
@@ -62,6 +81,8 @@ def build_fdsl_detector(
         backbone, pretrained, image_size: default to the checkpoint's; the backbone must match it.
         smooth_sigma: gaussian sigma (px) on the upsampled map (panels and outline; the score is FDSL's own).
         chunk_size: query rows per similarity matmul.
+        image_score: `max` = FDSL's own score (mean over levels of the level maps' maxima); `map` = the
+            maximum of the smoothed final map.
 
     Returns:
         An `FDSLDetector` with `mean`, `std`, `image_size` and `smooth_sigma` attributes.
@@ -76,8 +97,9 @@ def build_fdsl_detector(
     del references
     if unknown:
         raise UserError(f"unknown FDSL option(s): {', '.join(sorted(unknown))}")
-    if not checkpoint:
-        raise UserError("FDSL needs a checkpoint (--checkpoint FILE, written by python -m fdsl.train)")
+    checkpoint = default_checkpoint(checkpoint, backbone)
+    if image_score not in ("max", "map"):
+        raise UserError(f"--image-score must be max or map, got {image_score!r}")
     if win_mode not in WIN_MODES:
         raise UserError(f"--win-mode must be one of {', '.join(WIN_MODES)}, got {win_mode!r}")
     if smooth_sigma < 0:
@@ -86,7 +108,7 @@ def build_fdsl_detector(
         checkpoint=str(checkpoint), backbone=backbone, pretrained=pretrained, image_size=image_size,
         win_mode=win_mode, win_size=win_size, win_stride=win_stride, win_weight=win_weight, win_zoom=win_zoom,
         win_use_nam=int(win_use_nam), use_nam=use_nam, use_img_idx=int(use_img_idx), fd_weight=fd_weight,
-        image_score="max", smooth_sigma=smooth_sigma, chunk_size=chunk_size, k_shot=1, progress=0,
+        image_score=image_score, smooth_sigma=smooth_sigma, chunk_size=chunk_size, k_shot=1, progress=0,
     )  # fmt: skip
     check_test_config(cfg)
     state = load_checkpoint(cfg.checkpoint)
@@ -102,7 +124,17 @@ def build_fdsl_detector(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fdsl.predict", description=__doc__.splitlines()[0])
     add_predict_arguments(p)
-    p.add_argument("--checkpoint", default=None, help="FDSL checkpoint from python -m fdsl.train (required)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="FDSL checkpoint from python -m fdsl.train (default: the shipped efficientnet_lite0 demo head)",
+    )
+    p.add_argument(
+        "--image-score",
+        choices=("max", "map"),
+        default="max",
+        help="max = FDSL's own score; map = the maximum of the smoothed map",
+    )
     p.add_argument("--win-mode", choices=WIN_MODES, default="nan", help="LFE windows: off, blend, windows only")
     p.add_argument("--win-size", type=int, default=13, help="window side in cells of the finest feature grid")
     p.add_argument("--win-stride", type=int, default=2, help="window stride in cells")
@@ -120,10 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.checkpoint:
-        raise UserError("--checkpoint FILE is required (an FDSL checkpoint written by python -m fdsl.train)")
     options = {
-        "checkpoint": args.checkpoint,
+        "checkpoint": default_checkpoint(args.checkpoint, args.backbone),
+        "image_score": args.image_score,
         "win_mode": args.win_mode,
         "win_size": args.win_size,
         "win_stride": args.win_stride,

@@ -13,11 +13,12 @@ import sys
 
 import torch
 
+from common import distributed
 from common.backbones import align_features, build_backbone, resolve_image_size
-from common.evaluation import EvalConfig, evaluate, minmax_fusion
+from common.evaluation import EvalConfig, evaluate_sharded, minmax_fusion
 from common.few_shot import sample_support
 from common.results import build_results, format_table, write_results
-from common.utils import UserError, check_writable_dir, cli_entry, parse_device
+from common.utils import UserError, check_output_outside, check_writable_dir, cli_entry, parse_device
 from data.dataset import load_images
 from data.meta import load_meta
 from fdsl.checkpoint import build_head, load_checkpoint, resolve_pretrained
@@ -80,7 +81,8 @@ def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dic
         use_img_idx=bool(cfg.use_img_idx),
         fd_weight=cfg.fd_weight,
         signed=bool(trained.get("signed", 0)),
-        feature_pool=int(trained.get("feature_pool") or 1),  # checkpoints from before the option: no pooling
+        feature_pool=int(trained.get("feature_pool") or 1),
+        score_from_map=cfg.image_score == "map",  # checkpoints from before the option: no pooling
         chunk_size=cfg.chunk_size,
     )
     window_support_fn = None
@@ -94,12 +96,17 @@ def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dic
 
 
 def run(cfg: TestConfig) -> dict:
-    """Evaluate and write results.json / log.txt. Returns the results dict."""
+    """Evaluate and write results.json / log.txt. Returns the results dict.
+
+    Under torchrun the classes are shared out over the ranks (class i -> rank i % world size); every rank returns
+    the merged results and only rank 0 writes them.
+    """
     check_test_config(cfg)
     meta = load_meta(cfg.dataset_root)
     state = load_checkpoint(cfg.checkpoint)
+    check_output_outside(cfg.save_dir, cfg.dataset_root, "--save-dir")
     check_writable_dir(cfg.save_dir)
-    device = parse_device(cfg.device)
+    device = distributed.init(parse_device(cfg.device))
     detector, backbone = build_detector(cfg, state, device, meta)
     eval_cfg = EvalConfig(
         dataset_root=cfg.dataset_root,
@@ -117,7 +124,10 @@ def run(cfg: TestConfig) -> dict:
         class_score_fn=minmax_fusion if cfg.image_score == "paper" else None,
         vis_dir=f"{cfg.save_dir}/images" if cfg.save_images else None,
     )
-    per_class, seconds = evaluate(detector, eval_cfg, progress=bool(cfg.progress))
+    per_class, seconds, memories = evaluate_sharded(
+        detector, eval_cfg, bool(cfg.progress) and distributed.is_main(), payload=lambda: detector.memory
+    )
+    owner = (len(per_class) - 1) % distributed.world_size()  # the rank that ran the last class
     extra = {
         "image_score": cfg.image_score
         + (" (transductive per-class min-max fusion)" if cfg.image_score == "paper" else " (per image)"),
@@ -131,7 +141,7 @@ def run(cfg: TestConfig) -> dict:
         "win_zoom": cfg.win_zoom,
         "legacy_second_draw": bool(cfg.legacy_second_draw),
         "checkpoint": str(cfg.checkpoint),
-        "bank_bytes": detector.memory,
+        "bank_bytes": memories[owner],
     }
     results = build_results(
         "fdsl",
@@ -149,9 +159,11 @@ def run(cfg: TestConfig) -> dict:
     )
     notes = [
         f"image score: {extra['image_score']}; fd_weight {cfg.fd_weight}; use_nam {cfg.use_nam}; "
-        f"bank bytes (last class): {detector.memory}"
+        f"bank bytes (last class): {memories[owner]}"
     ]
-    write_results(cfg.save_dir, results, notes)
+    if distributed.is_main():
+        write_results(cfg.save_dir, results, notes)
+    distributed.cleanup()
     return results
 
 
@@ -160,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(TestConfig, "python -m fdsl.test", __doc__.split("\n\n")[0], "test.yaml")
     cfg = resolve_config(TestConfig, parser, argv)
     results = run(cfg)
+    if not distributed.is_main():
+        return 0
     print(format_table(results))
     print(f"seconds per image: {results['timing']['seconds_per_image']:.4f}; written to {cfg.save_dir}/results.json")
     return 0

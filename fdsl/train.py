@@ -5,11 +5,17 @@
 Original protocol (fdsl.md section 5): frozen backbone, FD features against a training bank of 10 normal train
 images per class, focal + dice on every map (raw and NAM) at the image size, Adam lr 1e-3 betas (0.5, 0.999),
 batch 8, mosaic (MVTec) or zoom crops (VisA). Writes OUT/epoch_<E>.pth, OUT/last.pth, OUT/config.json.
+
+Data-parallel under torchrun (DDP, gloo on CPU / nccl on CUDA): `--batch-size` stays the global batch and each
+of the N processes takes 1/N of every batch; rank 0 recalibrates BatchNorm and writes every file. `--resume`
+continues from the newest checkpoint in OUT (head, optimiser, every rank's RNG states, epoch).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 import sys
 import time
 from collections import defaultdict
@@ -18,13 +24,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import distributed
 from common.backbones import build_backbone
 from common.few_shot import sample_support
-from common.utils import UserError, atomic_write_json, check_writable_dir, cli_entry, parse_device, set_seed
+from common.utils import (
+    UserError,
+    atomic_write_json,
+    check_output_outside,
+    check_writable_dir,
+    cli_entry,
+    parse_device,
+    set_seed,
+)
 from data.dataset import AnomalyDataset, load_images
 from data.meta import load_meta
 from fdsl.augment import crop_size, mosaic, zoom_crop
-from fdsl.checkpoint import resolve_pretrained, save_checkpoint
+from fdsl.checkpoint import (
+    check_resume_config,
+    latest_checkpoint,
+    remove_stale_temporaries,
+    resolve_pretrained,
+    save_checkpoint,
+)
 from fdsl.config import ADAM_BETAS, TrainConfig, build_parser, resolve_config
 from fdsl.model import FDSLHead, default_feature_pool, extract_levels, fdsl_loss, feature_discrepancy, flatten_tokens
 
@@ -65,7 +86,7 @@ def build_training_banks(cfg: TrainConfig, meta: dict, classes: list[str], backb
             raise UserError(f"class '{name}' of {cfg.dataset_root} has no normal train images for its training bank")
         k = min(cfg.train_k_shot, len(pool))
         if k < cfg.train_k_shot:
-            print(f"note: class '{name}' has only {len(pool)} normal train images; training bank uses {k}")
+            log(f"note: class '{name}' has only {len(pool)} normal train images; training bank uses {k}")
         paths = sample_support(meta, name, k, cfg.seed)
         images = load_images(cfg.dataset_root, paths, size, backbone.mean, backbone.std).to(device)
         feats = extract_levels(backbone(images).features, cfg.feature_pool)
@@ -149,15 +170,25 @@ class BatchBuilder:
         return sample["image"], sample["gt_mask"]
 
 
-def train_epoch(head, optimizer, builder: BatchBuilder, kept: list[int], cfg: TrainConfig, epoch: int) -> float:
-    """One pass over the shuffled training items. Returns the mean loss."""
-    order = builder.rng.permutation(kept).tolist()
+def train_epoch(
+    head, optimizer, builder: BatchBuilder, kept: list[int], cfg: TrainConfig, epoch: int, order_rng
+) -> float:
+    """One pass over the shuffled training items. Returns this process's mean loss.
+
+    `order_rng` draws the permutation (the same on every rank). Under DDP the order is padded to a multiple of the
+    world size (as DistributedSampler does) and rank r takes items r, r + N, ... of every global batch.
+    """
+    order = order_rng.permutation(kept).tolist()
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1:
+        order = (order * world)[: math.ceil(len(order) / world) * world]
     head.train()
     total, steps = 0.0, 0
     batches = range(0, len(order), cfg.batch_size)
-    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, file=sys.stdout)
+    show = cfg.progress and distributed.is_main()
+    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show, file=sys.stdout)
     for start in bar:
-        batch = order[start : start + cfg.batch_size]  # BatchNorm1d sees B*G*G rows: one image is enough
+        batch = order[start : start + cfg.batch_size][rank::world]  # BatchNorm1d sees B*G*G rows: one is enough
         deviations, masks = builder.build(batch)
         loss = fdsl_loss(head(deviations), masks)
         optimizer.zero_grad(set_to_none=True)
@@ -195,14 +226,89 @@ def _check(cfg: TrainConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if not 0 <= cfg.aug_rate <= 1:
         raise UserError(f"--aug-rate must be in [0, 1] (got {cfg.aug_rate})")
+    if cfg.batch_size % distributed.world_size():
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of the "
+            f"{distributed.world_size()} processes"
+        )
+
+
+def prefill_cache(builder: BatchBuilder, kept: list[int], batch_size: int) -> None:
+    """Cache the un-augmented FD features of the training items, in a fixed order, until the budget is full.
+
+    Un-augmented items then always read the same fp16 values, whether this run started at epoch 1 or resumed:
+    without it a resumed run would compute in fp32 what the uninterrupted one read from its fp16 cache.
+    """
+    for start in range(0, len(kept), batch_size):
+        chunk = kept[start : start + batch_size]
+        before = len(builder.cache.items)
+        builder.build(chunk, augment=False)
+        if len(builder.cache.items) - before < len(chunk):
+            return
+
+
+def rng_state(device: torch.device, builder: BatchBuilder, order_rng) -> dict:
+    """Every RNG this process draws from: torch (CPU and CUDA), numpy and python globals, the augmentation and
+    order generators. Tensors, ints and containers only, so checkpoints still load with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+        "builder": builder.rng.bit_generator.state,
+        "order": order_rng.bit_generator.state,
+    }
+
+
+def set_rng_state(state: dict, device: torch.device, builder: BatchBuilder, order_rng) -> None:
+    """Inverse of `rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    builder.rng.bit_generator.state = state["builder"]
+    order_rng.bit_generator.state = state["order"]
+
+
+def load_resume_point(cfg: TrainConfig, config: dict) -> dict | None:
+    """The newest checkpoint in SAVE_DIR to resume from (checked against this run's options), or None."""
+    found = latest_checkpoint(cfg.save_dir)
+    if found is None:
+        log(f"note: --resume: no checkpoint in {cfg.save_dir} yet; training from epoch 1")
+        return None
+    path, state = found
+    if "resume" not in state:
+        raise UserError(f"--resume: {path} has no optimiser/RNG state (written before --resume existed)")
+    check_resume_config(path, state["config"], config)
+    world = state["resume"]["world_size"]
+    if world != distributed.world_size():
+        raise UserError(
+            f"--resume: {path} was written by a run with {world} process(es), this one has "
+            f"{distributed.world_size()}; resume with the same number of processes (NPROC)"
+        )
+    log(f"resuming from {path} (epoch {state['epoch']})")
+    return state
+
+
+def log(message: str) -> None:
+    """print on rank 0 only."""
+    if distributed.is_main():
+        print(message)
 
 
 def run(cfg: TrainConfig) -> dict:
     """Train and write the checkpoints. Returns the resolved config (as saved)."""
     _check(cfg)
     meta = load_meta(cfg.dataset_root)
+    check_output_outside(cfg.save_dir, cfg.dataset_root, "--save-dir")
     check_writable_dir(cfg.save_dir)
-    device = parse_device(cfg.device)
+    device = distributed.init(parse_device(cfg.device))
+    if distributed.is_main():
+        for stale in remove_stale_temporaries(cfg.save_dir):
+            print(f"note: removed {stale}, a partial file left by an interrupted run")
     set_seed(cfg.seed)
     cfg.pretrained = resolve_pretrained(cfg.backbone, cfg.pretrained)
     backbone = build_backbone(cfg.backbone, cfg.pretrained, cfg.layers, device, bool(cfg.quick_gelu))
@@ -215,29 +321,58 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.feature_pool is None:
         cfg.feature_pool = default_feature_pool(backbone.kind)
     config = dataclasses.asdict(cfg)
-    atomic_write_json(f"{cfg.save_dir}/config.json", config)
+    resume = load_resume_point(cfg, config) if cfg.resume else None
+    if distributed.is_main():
+        atomic_write_json(f"{cfg.save_dir}/config.json", config)
     dataset = AnomalyDataset(cfg.dataset_root, "test", None, cfg.image_size, backbone.mean, backbone.std, meta=meta)
     kept, skipped = select_training_items(dataset)
     if skipped:
-        print(f"note: {skipped} anomalous test images without masks are left out (no pixel supervision)")
+        log(f"note: {skipped} anomalous test images without masks are left out (no pixel supervision)")
     if len(kept) < 2:
         raise UserError(f"{cfg.dataset_root} has fewer than 2 test images with masks to train on")
     banks = build_training_banks(cfg, meta, dataset.class_names, backbone, cfg.image_size, device)
     head = FDSLHead([info.channels for info in backbone.feature_info], use_nam=bool(cfg.use_nam)).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
     builder = BatchBuilder(cfg, dataset, kept, backbone, banks, device)
-    print(
+    order_rng = builder.rng  # one process: one generator for order and augmentation, as before DDP existed
+    if distributed.is_distributed():  # the same order on every rank, rank-specific augmentation draws
+        order_rng = np.random.default_rng(cfg.seed)
+        builder.rng = np.random.default_rng([cfg.seed, distributed.rank()])
+    prefill_cache(builder, kept, cfg.batch_size)
+    first = 1
+    if resume is not None:
+        head.load_state_dict(resume["head"], strict=True)
+        optimizer.load_state_dict(resume["resume"]["optimizer"])
+        set_rng_state(resume["resume"]["rng"][distributed.rank()], device, builder, order_rng)
+        first = resume["epoch"] + 1
+    model = head
+    if distributed.is_distributed():
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(head, device_ids=ids)
+    log(
         f"training FDSL on {len(kept)} images of {len(dataset.class_names)} classes ({backbone.name}, "
-        f"{cfg.image_size} px, levels {cfg.layers}, device {device})"
+        f"{cfg.image_size} px, levels {cfg.layers}, device {device}, {distributed.world_size()} process(es))"
     )
-    for epoch in range(1, cfg.epochs + 1):
+    if first > cfg.epochs:
+        log(f"{cfg.save_dir} already holds epoch {first - 1} of {cfg.epochs}: nothing to train")
+    for epoch in range(first, cfg.epochs + 1):
         start = time.perf_counter()
-        loss = train_epoch(head, optimizer, builder, kept, cfg, epoch)
-        if cfg.recalibrate_bn:
-            recalibrate_batchnorm(head, builder, kept, cfg.batch_size)
-        path = save_checkpoint(f"{cfg.save_dir}/epoch_{epoch}.pth", head, backbone, config, epoch)
-        save_checkpoint(f"{cfg.save_dir}/last.pth", head, backbone, config, epoch)
-        print(f"epoch {epoch}: loss {loss:.4f}, {time.perf_counter() - start:.1f} s -> {path}")
+        loss = float(
+            np.mean(distributed.gather_objects(train_epoch(model, optimizer, builder, kept, cfg, epoch, order_rng)))
+        )
+        rngs = distributed.gather_objects(rng_state(device, builder, order_rng))
+        if distributed.is_main():  # DDP hands rank 0's BatchNorm buffers to the others at the next forward
+            if cfg.recalibrate_bn:
+                recalibrate_batchnorm(head, builder, kept, cfg.batch_size)
+            resume_state = {
+                "optimizer": optimizer.state_dict(),
+                "rng": rngs,
+                "world_size": distributed.world_size(),
+            }
+            path = save_checkpoint(f"{cfg.save_dir}/epoch_{epoch}.pth", head, backbone, config, epoch, resume_state)
+            save_checkpoint(f"{cfg.save_dir}/last.pth", head, backbone, config, epoch, resume_state)
+            print(f"epoch {epoch}: loss {loss:.4f}, {time.perf_counter() - start:.1f} s -> {path}", flush=True)
+    distributed.cleanup()
     return config
 
 

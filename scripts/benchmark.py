@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-name", default=None, help="one class (default: all)")
     p.add_argument("--device", default="cpu", help="passed to every method (default cpu)")
     p.add_argument("--out", default="runs/benchmark", help="output folder (default runs/benchmark)")
+    for method in METHODS:
+        p.add_argument(f"--{method}-args", default="", metavar="ARGS",
+                       help=f"extra flags appended to every {method} run, one shell-quoted string")  # fmt: skip
     return p
 
 
@@ -80,7 +83,7 @@ def method_command(method: str, args, k: int, seed: int, save_dir: Path) -> list
         cmd = [py, str(REPO / "main.py"), "--data-root", args.dataset_root, *common, "--quiet"]
     if args.class_name:
         cmd += ["--class-name", args.class_name]
-    return cmd
+    return cmd + shlex.split(getattr(args, f"{method}_args", "") or "")
 
 
 class _PeakRSS:

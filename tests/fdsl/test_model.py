@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from common.backbones import TINY_VIT, build_backbone
 from common.utils import UserError
 from fdsl.checkpoint import build_head, load_checkpoint, save_checkpoint
-from fdsl.detector import indexed_discrepancy
-from fdsl.model import FDSLHead, dice_loss, fdsl_loss, feature_discrepancy, focal_loss
+from fdsl.detector import DetectorOptions, FDSLDetector, indexed_discrepancy
+from fdsl.model import FDSLHead, dice_loss, extract_levels, fdsl_loss, feature_discrepancy, focal_loss
 
 
 def _unit(*shape, dim=1, seed=0):
@@ -34,6 +34,19 @@ def test_feature_discrepancy_is_zero_for_reference_patches():
     bank = _unit(1, 8, 4, 4)
     deviation, max_cos = feature_discrepancy(bank, bank.permute(0, 2, 3, 1).reshape(-1, 8))
     assert deviation.abs().max() < 1e-6 and torch.allclose(max_cos, torch.ones_like(max_cos), atol=1e-5)
+
+
+def test_extract_levels_pools_locally_then_aligns_and_normalises():
+    torch.manual_seed(0)
+    fine, coarse = torch.randn(2, 5, 8, 8), torch.randn(2, 7, 4, 4)
+    plain = extract_levels([fine, coarse], pool=1)
+    pooled = extract_levels([fine, coarse], pool=3)
+    assert [f.shape for f in pooled] == [(2, 5, 8, 8), (2, 7, 8, 8)]
+    assert torch.allclose(pooled[0].norm(dim=1), torch.ones(2, 8, 8), atol=1e-5)
+    assert torch.allclose(plain[0], F.normalize(fine, dim=1))
+    # interior cell: the mean of its 3 x 3 neighbourhood; corner: the mean of the 4 cells inside the image
+    assert torch.allclose(pooled[0][0, :, 4, 4], F.normalize(fine[0, :, 3:6, 3:6].mean((1, 2)), dim=0), atol=1e-6)
+    assert torch.allclose(pooled[0][0, :, 0, 0], F.normalize(fine[0, :, :2, :2].mean((1, 2)), dim=0), atol=1e-6)
 
 
 def test_indexed_discrepancy_searches_only_the_chosen_window():
@@ -97,3 +110,17 @@ def test_checkpoint_round_trip_and_backbone_mismatch(tmp_path):
         load_checkpoint(tmp_path / "junk.pth")
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_detector_score_from_map_leaves_the_image_score_to_the_evaluator():
+    torch.manual_seed(0)
+    backbone = build_backbone(TINY_VIT, None, None, torch.device("cpu"))
+    head = FDSLHead([info.channels for info in backbone.feature_info], use_nam=True)
+    support, queries = torch.randn(2, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    own = FDSLDetector(backbone, head, DetectorOptions())
+    from_map = FDSLDetector(backbone, head, DetectorOptions(score_from_map=True))
+    for det in (own, from_map):
+        det.setup("a", support)
+    score, amap = own.predict(queries)
+    none, amap2 = from_map.predict(queries)
+    assert score.shape == (3,) and none is None and torch.equal(amap, amap2)

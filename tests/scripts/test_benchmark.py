@@ -94,3 +94,14 @@ def test_benchmark_bad_input_is_one_line_exit_2(tree, tmp_path, args, message):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_method_args_are_appended_to_that_method_only():
+    bench = _load_module()
+    args = bench.build_parser().parse_args(
+        ["--dataset-root", "d", "--fdsl-checkpoint", "c.pth", "--fdsl-args", "--image-score max --fd-weight 0.5"]
+    )
+    fdsl = bench.method_command("fdsl", args, 2, 1, Path("o"))
+    knn = bench.method_command("knn", args, 2, 1, Path("o"))
+    assert fdsl[-4:] == ["--image-score", "max", "--fd-weight", "0.5"]
+    assert "--image-score" not in knn
