@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-name", default=None, help="one class (default: all)")
     p.add_argument("--device", default="cpu", help="passed to every method (default cpu)")
     p.add_argument("--out", default="runs/benchmark", help="output folder (default runs/benchmark)")
+    p.add_argument("--long-run", type=int, default=0, metavar="N",
+                   help="after the runs, N predict calls per method in one process, resident memory sampled "
+                        "(issue 7: must stay flat); 0 = skip")  # fmt: skip
     for method in METHODS:
         p.add_argument(f"--{method}-args", default="", metavar="ARGS",
                        help=f"extra flags appended to every {method} run, one shell-quoted string")  # fmt: skip
@@ -187,6 +190,51 @@ def backbone_reference(dataset_root: str, backbone_name: str, image_size: int | 
             "seconds_per_image": seconds / len(images), "images_per_second": len(images) / seconds}  # fmt: skip
 
 
+def _rss_mb() -> float:
+    """Resident memory of this process (VmRSS), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("no VmRSS in /proc/self/status")
+
+
+def long_run(method: str, n_calls: int, args) -> dict:
+    """`n_calls` predict calls with one `api.build_detector` object; resident memory sampled ten times.
+
+    References: the first class's first 4 normal train images; queries: that class's test images, decoded once
+    and cycled, so what is measured is the predict path itself. The threshold is given (no leave-one-out).
+    `growth_mb` = memory after the last call - memory after a warm-up of 20 calls.
+    """
+    import api
+    from data.dataset import read_image
+    from data.meta import load_meta
+
+    meta = load_meta(args.dataset_root)
+    name = args.class_name or sorted(meta["test"])[0]
+    root = Path(args.dataset_root)
+    refs = [str(root / it["img_path"]) for it in meta["train"][name] if int(it["anomaly"]) == 0][:4]
+    queries = [read_image(root / it["img_path"]) for it in meta["test"][name]]
+    options = {"backbone": args.backbone}
+    if args.image_size:
+        options["image_size"] = args.image_size
+    if method == "fdsl":
+        options["checkpoint"] = args.fdsl_checkpoint
+    if method == "pcsnet":
+        options["epochs"] = 2  # the predict path is what is measured, not the training
+    predictor = api.build_detector(method, refs, device=args.device, threshold=1.0, **options)
+    for i in range(20):
+        predictor.predict(queries[i % len(queries)])
+    samples, start = [(0, _rss_mb())], time.perf_counter()
+    step = max(1, n_calls // 10)
+    for i in range(1, n_calls + 1):
+        predictor.predict(queries[i % len(queries)])
+        if i % step == 0 or i == n_calls:
+            samples.append((i, _rss_mb()))
+    seconds = time.perf_counter() - start
+    return {"method": method, "calls": n_calls, "class": name, "rss_mb": samples,
+            "growth_mb": samples[-1][1] - samples[0][1], "seconds_per_call": seconds / n_calls}  # fmt: skip
+
+
 def _mean_std(values: list) -> tuple[float | None, float | None]:
     values = [v for v in values if v is not None]
     if not values:
@@ -309,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         ips = ref_ips.get((row.get("backbone"), row.get("image_size")))
         row["ratio_to_backbone"] = row["images_per_second"] / ips if row["status"] == "ok" and ips else None
 
+    long_runs = []
+    for method in methods if args.long_run > 0 else []:
+        try:
+            long_runs.append(long_run(method, args.long_run, args))
+        except Exception as exc:  # noqa: BLE001 - reported, the table is still written
+            long_runs.append({"method": method, "calls": args.long_run, "error": f"{type(exc).__name__}: {exc}"})
+
     aggregated = aggregate(rows, methods, shots)
     table = format_table(aggregated)
     command = shlex.join([sys.executable, "scripts/benchmark.py", *argv])
@@ -316,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     report = {"date": date, "machine": info, "command": command, "dataset_root": args.dataset_root,
               "methods": methods, "shots": shots, "seeds": seeds, "backbone_reference": references,
-              "aggregated": aggregated, "runs": rows}  # fmt: skip
+              "aggregated": aggregated, "runs": rows, "long_run": long_runs}  # fmt: skip
     atomic_write_json(out / "benchmark.json", report)
     ref_lines = [
         f"- {r['backbone']} @ {r['image_size']} px: " + (
@@ -336,12 +391,23 @@ def main(argv: list[str] | None = None) -> int:
         "decoding included); x backbone = img/s / backbone-only img/s; peak RSS of the whole method process.", "",
         table, "",
     ]  # fmt: skip
+    long_lines = [
+        f"- {r['method']}: {r['calls']} predict calls, resident memory {r['rss_mb'][0][1]:.0f} -> "
+        f"{r['rss_mb'][-1][1]:.0f} MiB (growth {r['growth_mb']:+.1f} MiB), {r['seconds_per_call']:.3f} s/call"
+        if "error" not in r else f"- {r['method']}: failed: {r['error']}"
+        for r in long_runs
+    ]  # fmt: skip
+    if long_lines:
+        md += ["Long run (one predictor object, memory after a 20-call warm-up -> after the last call):",
+               *long_lines, ""]  # fmt: skip
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         md += ["Failed runs:", *[f"- {r['method']} k={r['k_shot']} seed={r['seed']}: {r['error']}" for r in failed], ""]
     atomic_write_text(out / "benchmark.md", "\n".join(md))
     print("\n".join(ref_lines))
     print(table)
+    if long_lines:
+        print("\n".join(long_lines))
     print(f"wrote {out / 'benchmark.md'} and {out / 'benchmark.json'}  ({len(failed)} of {len(rows)} runs failed)")
     return 1 if len(failed) == len(rows) else 0
 

@@ -105,3 +105,13 @@ def test_method_args_are_appended_to_that_method_only():
     knn = bench.method_command("knn", args, 2, 1, Path("o"))
     assert fdsl[-4:] == ["--image-score", "max", "--fd-weight", "0.5"]
     assert "--image-score" not in knn
+
+
+def test_long_run_samples_memory_over_the_calls(tree):
+    bench = _load_module()
+    args = bench.build_parser().parse_args(["--dataset-root", str(tree), "--image-size", "64", "--long-run", "30"])
+    report = bench.long_run("knn", 30, args)
+    calls = [c for c, _ in report["rss_mb"]]
+    assert calls == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    assert all(mb > 50 for _, mb in report["rss_mb"]) and report["seconds_per_call"] > 0
+    assert abs(report["growth_mb"]) < 200  # 30 calls of a 64 px kNN must not grow memory by hundreds of MiB
