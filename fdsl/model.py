@@ -65,7 +65,7 @@ def flatten_tokens(feature: torch.Tensor) -> torch.Tensor:
 
 
 def feature_discrepancy(
-    query: torch.Tensor, bank: torch.Tensor, signed: bool = False, chunk_size: int = 4096
+    query: torch.Tensor, bank: torch.Tensor, signed: bool = False, chunk_size: int = 4096, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FD module on one level: deviation of each query patch from its nearest normal reference patch.
 
@@ -74,13 +74,16 @@ def feature_discrepancy(
         bank: (M, C) L2-normalised reference patches (the class's k-shot memory bank M_l^c).
         signed: return f - n instead of |f - n| (original useAbs=0).
         chunk_size: queries per similarity matmul (peak memory ~ chunk_size * M).
+        backend: nearest-neighbour search, `auto` = faiss on CPU (about 2x faster here), torch matmul on CUDA.
 
     Returns:
         deviation (B, C, h, w) float32 and max_cos (B, h, w), the cosine to the nearest reference patch.
     """
     b, c, h, w = query.shape
     tokens = flatten_tokens(query)
-    dist, idx = nearest_neighbors(tokens.to(bank.dtype), bank, k=1, metric="cosine", chunk_size=chunk_size)
+    dist, idx = nearest_neighbors(
+        tokens.to(bank.dtype), bank, k=1, metric="cosine", chunk_size=chunk_size, backend=backend
+    )
     normal = bank.index_select(0, idx[:, 0]).float()  # n_i = M[argmax_j <f_i, M_j>]
     deviation = tokens - normal  # d_i = f_i - n_i
     if not signed:
