@@ -13,8 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from common.backbones import Backbone
-from fdsl.model import FDSLHead, extract_levels, feature_discrepancy, flatten_tokens
-from fdsl.windows import WindowGeometry, encode_windows, stitch_windows
+from fdsl.model import ASL_HIDDEN, FDSLHead, extract_levels, feature_discrepancy, flatten_tokens
+from fdsl.windows import (
+    WindowGeometry,
+    check_encode_mode,
+    cut_windows,
+    encode_shared,
+    encode_windows,
+    shared_coverage,
+    stitch_windows,
+)
 
 WIN_MODES = ("nan", "mul", "onlywin")
 
@@ -34,6 +42,7 @@ class DetectorOptions:
     feature_pool: int = 1  # local average pooling before FD; must be the checkpoint's (fdsl.model.extract_levels)
     chunk_size: int = 4096  # query rows per similarity matmul
     encode_batch: int = 32  # window crops per backbone call
+    window_batch_bytes: int = 256 * 2**20  # window tokens' features + ASL activations held at once (images per step)
 
 
 def _combine(asl: list[torch.Tensor], fd: list[torch.Tensor], fd_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +119,8 @@ class FDSLDetector:
             raise ValueError(f"win_mode must be one of {WIN_MODES}, got {opts.win_mode!r}")
         if opts.win_mode != "nan" and geometry is None:
             raise ValueError("a window geometry is needed when win_mode is not 'nan'")
+        if geometry is not None:
+            check_encode_mode(geometry.encode, backbone.kind)
         self.backbone, self.head, self.opts, self.geometry = backbone, head.eval(), opts, geometry
         self.window_support_fn = window_support_fn
         device = next(head.parameters()).device
@@ -122,6 +133,17 @@ class FDSLDetector:
     @property
     def uses_windows(self) -> bool:
         return self.opts.win_mode != "nan"
+
+    @property
+    def shares_window_tokens(self) -> bool:
+        """`shared` windows without the index bank: FD runs once per zoomed token, windows are cut afterwards.
+
+        A token of the zoomed map appears in every window covering it, with the same features, so the pooled window
+        bank holds each covered reference token ~(win / stride)^2 times. Deduplicating it, and matching every
+        query token once instead of once per covering window, gives the same nearest neighbours (identical
+        vectors), deviations and per-token ASL scores, so the same window maps, for ~(win / stride)^2 less work.
+        """
+        return self.uses_windows and self.geometry.encode == "shared" and not self.opts.use_img_idx
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) -> per-level normalised features (B, C_l, G, G) on the finest level's grid."""
@@ -138,19 +160,23 @@ class FDSLDetector:
         self.bank = [flatten_tokens(f).to(self.bank_dtype) for f in self.encode(support_images)]  # M_l: (k*G*G, C)
         if self.uses_windows:
             images = support_images if self.window_support_fn is None else self.window_support_fn(class_name)
-            feats, keys = encode_windows(
-                self.backbone,
-                images.to(support_images.device),
-                self.geometry,
-                self.opts.encode_batch,
-                self.opts.feature_pool,
-            )
-            if self.opts.use_img_idx:  # keep windows separate: (k*nW, T, C), searched one window at a time
-                self.win_bank = [f.flatten(2).transpose(1, 2).to(self.bank_dtype).contiguous() for f in feats]
-                self.win_keys = keys.to(self.bank_dtype)
-            else:  # all windows of all references pooled (original usewinmem=1)
-                self.win_bank = [flatten_tokens(f).to(self.bank_dtype) for f in feats]
+            self._setup_windows(images.to(support_images.device))
         self.memory = self._memory_report()
+
+    def _setup_windows(self, images: torch.Tensor) -> None:
+        """The window bank (and index keys) of the reference images (k, 3, S, S)."""
+        geom, batch, pool = self.geometry, self.opts.encode_batch, self.opts.feature_pool
+        if self.shares_window_tokens:  # each covered token of the zoomed references once (see the property)
+            cover = shared_coverage(geom, images.device)
+            maps = encode_shared(self.backbone, images, geom, batch, pool)
+            self.win_bank = [flatten_tokens(m[:, :, cover][:, :, :, cover]).to(self.bank_dtype) for m in maps]
+            return
+        feats, keys = encode_windows(self.backbone, images, geom, batch, pool)
+        if self.opts.use_img_idx:  # keep windows separate: (k*nW, T, C), searched one window at a time
+            self.win_bank = [f.flatten(2).transpose(1, 2).to(self.bank_dtype).contiguous() for f in feats]
+            self.win_keys = keys.to(self.bank_dtype)
+        else:  # all windows of all references pooled (original usewinmem=1)
+            self.win_bank = [flatten_tokens(f).to(self.bank_dtype) for f in feats]
 
     def _memory_report(self) -> dict[str, int]:
         """Stored bank bytes and the bytes one query window searches (what the index bank reduces)."""
@@ -176,20 +202,43 @@ class FDSLDetector:
         asl = self.head.score_maps(deviations, self.opts.use_nam)
         return _combine(asl, fd_maps, self.opts.fd_weight)
 
-    def _window_branch(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """LFE on one image (1, 3, S, S): window FD -> ASL -> stitch (-> NAM). map (1, G, G), score (1,)."""
+    def _images_per_window_step(self) -> int:
+        """Images whose window tokens fit `window_batch_bytes` (1 for ViT-L: 169 windows of 169 tokens).
+
+        Per token: its features on every level plus the widest ASL activation, float32.
+        """
         geom = self.geometry
-        feats, keys = encode_windows(self.backbone, image, geom, self.opts.encode_batch, self.opts.feature_pool)
-        choice = None
-        if self.opts.use_img_idx:  # each query window -> its most similar reference window (pooled key)
-            choice = (keys.to(self.win_keys.dtype) @ self.win_keys.T).argmax(dim=1)
+        per_token = 4 * (sum(info.channels for info in self.backbone.feature_info) + ASL_HIDDEN[0])
+        tokens = geom.shared_grid**2 if self.shares_window_tokens else geom.n_windows * geom.tokens**2
+        return max(1, self.opts.window_batch_bytes // (tokens * per_token))
+
+    def _window_branch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LFE on (B, 3, S, S): window FD -> ASL -> stitch (-> NAM). map (B, G, G), score (B,)."""
+        geom = self.geometry
+        if self.shares_window_tokens:  # FD and ASL per zoomed token, then the windows are cut (see the property)
+            maps = encode_shared(self.backbone, images, geom, self.opts.encode_batch, self.opts.feature_pool)
+            results = [
+                feature_discrepancy(m, bank, self.opts.signed, self.opts.chunk_size)
+                for m, bank in zip(maps, self.win_bank)
+            ]
+            probs = [self.head.asl[level](dev)[:, 1] for level, (dev, _) in enumerate(results)]
+            window_probs = [cut_windows(p[:, None], geom)[:, 0] for p in probs]
+            window_cos = [cut_windows(max_cos[:, None], geom)[:, 0] for _, max_cos in results]
+        else:
+            feats, keys = encode_windows(self.backbone, images, geom, self.opts.encode_batch, self.opts.feature_pool)
+            choice = None
+            if self.opts.use_img_idx:  # each query window -> its most similar reference window (pooled key)
+                choice = (keys.to(self.win_keys.dtype) @ self.win_keys.T).argmax(dim=1)
+            window_probs, window_cos = [], []
+            for level, (feat, bank) in enumerate(zip(feats, self.win_bank)):
+                if choice is None:
+                    dev, max_cos = feature_discrepancy(feat, bank, self.opts.signed, self.opts.chunk_size)
+                else:
+                    dev, max_cos = indexed_discrepancy(feat, bank, choice, self.opts.signed)
+                window_probs.append(self.head.asl[level](dev)[:, 1])  # raw window ASL map (B*nW, t, t)
+                window_cos.append(max_cos)
         asl_maps, fd_maps = [], []
-        for level, (feat, bank) in enumerate(zip(feats, self.win_bank)):
-            if choice is None:
-                dev, max_cos = feature_discrepancy(feat, bank, self.opts.signed, self.opts.chunk_size)
-            else:
-                dev, max_cos = indexed_discrepancy(feat, bank, choice, self.opts.signed)
-            prob = self.head.asl[level](dev)[:, 1]  # raw window ASL map (nW, t, t); the checkpoint's weights
+        for prob, max_cos in zip(window_probs, window_cos):  # the checkpoint's ASL weights, per level
             asl_map = stitch_windows(self._to_win(prob), geom)
             if self.opts.win_use_nam and self.opts.use_nam:
                 asl_map = self.head.refine(asl_map)  # NAM on the stitched [1 - a, a] map (fdsl.md section 5)
@@ -221,8 +270,9 @@ class FDSLDetector:
             main_map, main_score = self._main_branch(images)
             if mode == "nan":
                 return main_score, main_map
-        # LFE one image at a time: B * n_windows crops at once would not fit for ViT-L (169 windows per image).
-        parts = [self._window_branch(images[i : i + 1]) for i in range(images.shape[0])]
+        # LFE on as many images at once as `window_batch_bytes` allows (one at a time for ViT-L's 169 windows).
+        step = self._images_per_window_step()
+        parts = [self._window_branch(images[i : i + step]) for i in range(0, images.shape[0], step)]
         win_map, win_score = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if mode == "onlywin":
             return win_score, win_map

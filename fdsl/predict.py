@@ -55,6 +55,7 @@ def build_fdsl_detector(
     win_stride: int = 2,
     win_weight: float = 0.5,
     win_zoom: float | None = None,
+    win_encode: str | None = None,
     win_use_nam: int = 1,
     use_nam: int | None = None,
     use_img_idx: int = 0,
@@ -75,7 +76,8 @@ def build_fdsl_detector(
         checkpoint: FDSL checkpoint written by `python -m fdsl.train`; None = the shipped demo head
             (efficientnet_lite0 only, `DEMO_CHECKPOINT`).
         win_mode: LFE windows: `nan` (off), `mul` (blend) or `onlywin`.
-        win_size, win_stride, win_weight, win_zoom, win_use_nam, use_img_idx: window options (see fdsl.test).
+        win_size, win_stride, win_weight, win_zoom, win_encode, win_use_nam, use_img_idx: window options (see
+            fdsl.test; win_encode None = shared for CNNs, crop for ViTs).
         use_nam: use the NAM outputs (None = as trained).
         fd_weight: a in (1 - a) * ASL + a * training-free FD map.
         backbone, pretrained, image_size: default to the checkpoint's; the backbone must match it.
@@ -107,8 +109,9 @@ def build_fdsl_detector(
     cfg = TestConfig(
         checkpoint=str(checkpoint), backbone=backbone, pretrained=pretrained, image_size=image_size,
         win_mode=win_mode, win_size=win_size, win_stride=win_stride, win_weight=win_weight, win_zoom=win_zoom,
-        win_use_nam=int(win_use_nam), use_nam=use_nam, use_img_idx=int(use_img_idx), fd_weight=fd_weight,
-        image_score=image_score, smooth_sigma=smooth_sigma, chunk_size=chunk_size, k_shot=1, progress=0,
+        win_encode=win_encode, win_use_nam=int(win_use_nam), use_nam=use_nam, use_img_idx=int(use_img_idx),
+        fd_weight=fd_weight, image_score=image_score, smooth_sigma=smooth_sigma, chunk_size=chunk_size, k_shot=1,
+        progress=0,
     )  # fmt: skip
     check_test_config(cfg)
     state = load_checkpoint(cfg.checkpoint)
@@ -140,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--win-stride", type=int, default=2, help="window stride in cells")
     p.add_argument("--win-weight", type=float, default=0.5, help="w: (1 - w) * main + w * windows")
     p.add_argument("--win-zoom", type=float, default=None, help="crop zoom (default: 1 for ViT, 2 for CNNs)")
+    p.add_argument(
+        "--win-encode",
+        choices=("crop", "shared"),
+        default=None,
+        help="window features: encode every crop, or cut from one zoomed encode (CNN only; default: shared for CNNs)",
+    )
     p.add_argument("--use-nam", type=int, choices=(0, 1), default=None, help="NAM outputs (default: as trained)")
     p.add_argument("--fd-weight", type=float, default=0.0, help="a in (1 - a) * ASL + a * FD (default 0)")
     p.add_argument("--backbone", default=None, help="default: the checkpoint's (must match it)")
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "win_stride": args.win_stride,
         "win_weight": args.win_weight,
         "win_zoom": args.win_zoom,
+        "win_encode": args.win_encode,
         "use_nam": args.use_nam,
         "fd_weight": args.fd_weight,
         "backbone": args.backbone,

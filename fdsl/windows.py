@@ -6,6 +6,12 @@ maps are stitched back by the arithmetic mean over covering windows (sum / count
 
 Geometry is in grid cells of the finest backbone level. When the stride does not divide (grid - win), one more
 window flush with the border is added, so the windows always tile the grid.
+
+Two ways to get a window's features (`--win-encode`):
+- `crop` (the paper): every window is cut from the image, zoomed and encoded on its own.
+- `shared` (CNN backbones only): the image is zoomed once and encoded once; each window's features are cut from
+  that map. A CNN is translation-equivariant, so this approximates `crop` (the cells near a crop's border see
+  padding in `crop`, real neighbours here) at about zoom^2 backbone passes per image instead of one per window.
 """
 
 from __future__ import annotations
@@ -18,6 +24,16 @@ import torch.nn.functional as F
 from common.backbones import Backbone
 from common.utils import UserError
 from fdsl.model import extract_levels
+
+ENCODE_MODES = ("crop", "shared")
+
+
+def check_encode_mode(mode: str, backbone_kind: str) -> None:
+    """`shared` cuts windows out of one feature map: only valid for a (translation-equivariant) CNN."""
+    if mode not in ENCODE_MODES:
+        raise UserError(f"--win-encode must be one of {', '.join(ENCODE_MODES)} (got {mode!r})")
+    if mode == "shared" and backbone_kind != "cnn":
+        raise UserError("--win-encode shared needs a CNN backbone; a ViT encodes each window crop (--win-encode crop)")
 
 
 def window_starts(grid: int, win: int, stride: int) -> list[int]:
@@ -41,6 +57,7 @@ class WindowGeometry:
     stride: int
     patch: int
     zoom: float = 1.0
+    encode: str = "crop"  # crop = encode every window crop; shared = cut windows from the zoomed image's features
 
     @property
     def starts(self) -> list[int]:
@@ -64,6 +81,52 @@ class WindowGeometry:
         """Side of a window's feature grid after encoding (win * zoom cells)."""
         return self.encode_px // self.patch
 
+    @property
+    def shared_px(self) -> int:
+        """Side of the zoomed whole image encoded once in `shared` mode: zoom * S rounded to a multiple of the patch."""
+        return max(1, round(self.grid * self.zoom)) * self.patch
+
+    @property
+    def shared_grid(self) -> int:
+        return self.shared_px // self.patch
+
+    @property
+    def shared_starts(self) -> list[int]:
+        """Window starts on the zoomed grid (start * zoom; exact for an integer zoom, else rounded)."""
+        scale = self.shared_grid / self.grid
+        return [min(round(s * scale), self.shared_grid - self.tokens) for s in self.starts]
+
+
+def _window_index(starts: list[int], size: int, device: torch.device) -> torch.Tensor:
+    """(n, size) rows (= columns) covered by each window along one axis."""
+    return torch.tensor(starts, device=device)[:, None] + torch.arange(size, device=device)[None, :]
+
+
+def _gather_windows(maps: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B * n * n, C, size, size) with one gather, window order row-major (wy, wx) per image."""
+    b, c = maps.shape[:2]
+    n, size = idx.shape
+    windows = maps[:, :, idx[:, None, :, None], idx[None, :, None, :]]  # (B, C, n, n, size, size)
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(b * n * n, c, size, size)
+
+
+def cut_windows(maps: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
+    """Cut every window out of maps on the zoomed grid of `shared` mode, in the order of `crop_windows`.
+
+    Args:
+        maps: (B, C, shared_grid, shared_grid) features or scores of the zoomed whole images.
+        geom: window geometry.
+
+    Returns:
+        (B * n_windows, C, t, t) with t = geom.tokens.
+    """
+    return _gather_windows(maps, _window_index(geom.shared_starts, geom.tokens, maps.device))
+
+
+def shared_coverage(geom: WindowGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sorted rows (= columns) of the zoomed grid that some window covers (all of them for an integer zoom)."""
+    return _window_index(geom.shared_starts, geom.tokens, torch.device(device)).flatten().unique()
+
 
 def crop_windows(images: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
     """Crop every window from normalised images with one gather (no loop over windows).
@@ -75,29 +138,62 @@ def crop_windows(images: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
     Returns:
         (B * n_windows, 3, encode_px, encode_px), window order row-major (wy, wx) within each image.
     """
-    b, c = images.shape[:2]
-    starts = torch.tensor(geom.starts, device=images.device) * geom.patch
-    offsets = torch.arange(geom.crop_px, device=images.device)
-    idx = starts[:, None] + offsets[None, :]  # (n, crop_px) pixel rows (= columns) of each window
-    n = idx.shape[0]
-    crops = images[:, :, idx[:, None, :, None], idx[None, :, None, :]]  # (B, 3, n, n, crop, crop)
-    crops = crops.permute(0, 2, 3, 1, 4, 5).reshape(b * n * n, c, geom.crop_px, geom.crop_px)
+    pixel_starts = [s * geom.patch for s in geom.starts]
+    crops = _gather_windows(images, _window_index(pixel_starts, geom.crop_px, images.device))
     if geom.encode_px != geom.crop_px:  # --win-zoom (original winZipSize): resize the crop before encoding
         crops = F.interpolate(crops, size=(geom.encode_px,) * 2, mode="bilinear", align_corners=False)
     return crops
 
 
 @torch.inference_mode()
+def encode_shared(
+    backbone: Backbone, images: torch.Tensor, geom: WindowGeometry, batch: int = 64, pool: int = 1
+) -> list[torch.Tensor]:
+    """`shared` mode: encode each whole image once, zoomed to geom.shared_px.
+
+    Args:
+        backbone: a CNN backbone (see `check_encode_mode`).
+        images: (B, 3, S, S) normalised images.
+        geom: window geometry.
+        batch: window crops per backbone call in `crop` mode; the same pixel budget sets the images per call here.
+        pool: the main branch's local average pooling (`fdsl.model.extract_levels`).
+
+    Returns:
+        per-level L2-normalised features (B, C_l, G', G') on the zoomed grid G' = geom.shared_grid.
+    """
+    check_encode_mode("shared", backbone.kind)
+    per_call = max(1, batch * geom.encode_px**2 // geom.shared_px**2)
+    levels = []
+    for start in range(0, images.shape[0], per_call):
+        chunk = images[start : start + per_call]
+        if geom.shared_px != chunk.shape[-1]:
+            chunk = F.interpolate(chunk, size=(geom.shared_px,) * 2, mode="bilinear", align_corners=False)
+        out = backbone(chunk)
+        levels.append(extract_levels(out.features, pool, (geom.shared_grid, geom.shared_grid)))
+    return [torch.cat([chunk[i] for chunk in levels]) for i in range(len(levels[0]))]
+
+
+def shared_window_keys(features: list[torch.Tensor]) -> torch.Tensor:
+    """Image-index keys of `shared` windows: the L2-normalised mean over the window's tokens of the concatenated
+    levels, (N, sum C_l). `crop` mode uses the backbone's pooled output of the crop instead."""
+    return F.normalize(torch.cat(features, dim=1).mean(dim=(2, 3)), dim=1)
+
+
+@torch.inference_mode()
 def encode_windows(
     backbone: Backbone, images: torch.Tensor, geom: WindowGeometry, batch: int = 64, pool: int = 1
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Encode every window crop with the (frozen) backbone, in batches of crops.
+    """Features of every window: each crop encoded on its own (`crop`), or cut from one zoomed map (`shared`).
 
     Returns:
         per-level L2-normalised features (B * n_windows, C_l, t, t) with t = geom.tokens (after the same
-        `pool` local averaging as the main branch, see `fdsl.model.extract_levels`), and the
-        L2-normalised pooled embeddings (B * n_windows, D) used as keys of the image-feature index bank.
+        `pool` local averaging as the main branch, see `fdsl.model.extract_levels`), and the L2-normalised
+        keys (B * n_windows, D) of the image-feature index bank: the backbone's pooled embedding of each crop
+        (`crop`), or the mean of the window's concatenated level features (`shared`, `shared_window_keys`).
     """
+    if geom.encode == "shared":
+        features = [cut_windows(level, geom) for level in encode_shared(backbone, images, geom, batch, pool)]
+        return features, shared_window_keys(features)
     crops = crop_windows(images, geom)
     levels: list[list[torch.Tensor]] = []
     pooled = []

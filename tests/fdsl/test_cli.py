@@ -153,8 +153,8 @@ def test_cnn_path_and_options(trees):
     results = json.loads((out / "results.json").read_text())
     assert list(results["per_class"]) == ["b"] and results["use_nam"] is False and results["win_zoom"] == 2.0
     assert results["image_score"].startswith("max") and results["fd_weight"] == 0.5
-    # CNN heads are trained on 3 x 3 locally pooled features (ViT heads on raw tokens): recorded for the test side
-    assert json.loads((ckpt.parent / "config.json").read_text())["feature_pool"] == 3
+    # the pooling the head was trained with is recorded for the test side (default: none)
+    assert json.loads((ckpt.parent / "config.json").read_text())["feature_pool"] == 1
     # a NAM request against a head trained without NAM, and a backbone that does not match, are user errors
     args = [
         "--dataset-root",
