@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-name", default=None, help="one class (default: all)")
     p.add_argument("--device", default="cpu", help="passed to every method (default cpu)")
     p.add_argument("--out", default="runs/benchmark", help="output folder (default runs/benchmark)")
+    p.add_argument(
+        "--aggregate-only",
+        action="store_true",
+        help="do not run anything: rebuild the report from the run folders of an earlier call in --out",
+    )
     p.add_argument("--long-run", type=int, default=0, metavar="N",
                    help="after the runs, N predict calls per method in one process, resident memory sampled "
                         "(issue 7: must stay flat); 0 = skip")  # fmt: skip
@@ -118,12 +123,21 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+def bank_megabytes(value) -> float | None:
+    """results.json `bank_bytes` -> MiB: an int (kNN), or FDSL's dict of stored banks (`*_bank_bytes`, summed)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = sum(v for k, v in value.items() if k.endswith("_bank_bytes") and v is not None)
+    return value / 2**20
+
+
 def run_one(method: str, k: int, seed: int, args, runs_dir: Path) -> dict:
     """Run one (method, k, seed) subprocess; return its row (status ok/failed, metrics, time, peak RSS)."""
     save_dir = runs_dir / f"{method}_k{k}_seed{seed}"
     save_dir.mkdir(parents=True, exist_ok=True)
     results_path = save_dir / "results.json"
-    if results_path.exists():
+    if results_path.exists() and not args.aggregate_only:
         results_path.unlink()  # never read a stale result of an earlier benchmark
     cmd = method_command(method, args, k, seed, save_dir)
     row = {"method": method, "k_shot": k, "seed": seed, "command": shlex.join(cmd), "save_dir": str(save_dir)}
@@ -132,6 +146,8 @@ def run_one(method: str, k: int, seed: int, args, runs_dir: Path) -> dict:
                 "error": f"error: checkpoint {args.fdsl_checkpoint} does not exist"}  # fmt: skip
     rss_file = save_dir / "peak_rss_kb.txt"
     use_time = os.access(TIME_BIN, os.X_OK)
+    if args.aggregate_only:  # re-read a finished run (e.g. after a report error) instead of running it again
+        return _collect(row, save_dir, 0 if results_path.is_file() else 1, None, use_time, 0.0)
     full = [TIME_BIN, "-f", "%M", "-o", str(rss_file), *cmd] if use_time else cmd
     start = time.perf_counter()
     with open(save_dir / "stdout.txt", "w") as out, open(save_dir / "stderr.txt", "w") as err:
@@ -139,7 +155,13 @@ def run_one(method: str, k: int, seed: int, args, runs_dir: Path) -> dict:
         poller = None if use_time else _PeakRSS(proc.pid)
         code = proc.wait()
         peak_kb = poller.stop() if poller else None
-    row["wall_seconds"] = time.perf_counter() - start
+    return _collect(row, save_dir, code, peak_kb, use_time, time.perf_counter() - start)
+
+
+def _collect(row: dict, save_dir: Path, code: int, peak_kb: int | None, use_time: bool, wall: float) -> dict:
+    """The row of a finished run from its folder: exit code, peak RSS, results.json."""
+    rss_file, results_path = save_dir / "peak_rss_kb.txt", save_dir / "results.json"
+    row["wall_seconds"] = wall
     if use_time:
         try:  # GNU time writes "Command exited with non-zero status N" before %M on failure
             peak_kb = int(rss_file.read_text().split()[-1])
@@ -147,7 +169,8 @@ def run_one(method: str, k: int, seed: int, args, runs_dir: Path) -> dict:
             peak_kb = None
     row["peak_rss_mb"] = peak_kb / 1024 if peak_kb else None
     if code != 0 or not results_path.is_file():
-        stderr = (save_dir / "stderr.txt").read_text(errors="replace")
+        err_file = save_dir / "stderr.txt"
+        stderr = err_file.read_text(errors="replace") if err_file.is_file() else "no results.json"
         stderr = "\n".join(line for line in stderr.splitlines() if not line.startswith("Command exited with"))
         row.update(status="failed", error=f"exit {code}: {_last_line(stderr)}")
         return row
@@ -156,7 +179,7 @@ def run_one(method: str, k: int, seed: int, args, runs_dir: Path) -> dict:
     row.update(
         status="ok", backbone=r["backbone"], image_size=r["image_size"], n_images=r["timing"]["n_images"],
         seconds_per_image=spi, images_per_second=1.0 / spi if spi > 0 else None,
-        bank_mb=r["bank_bytes"] / 2**20 if r.get("bank_bytes") is not None else None,
+        bank_mb=bank_megabytes(r.get("bank_bytes")),
         **{key: r["mean"].get(key) for key in IMAGE_METRICS + PIXEL_METRICS},
     )  # fmt: skip
     return row

@@ -34,7 +34,7 @@ def test_run_one_records_a_crashing_subprocess_with_its_last_error_line(tmp_path
     bench = _load_module()
     crash = [sys.executable, "-c", "import sys; print('noise', file=sys.stderr); sys.exit('RuntimeError: boom')"]
     monkeypatch.setattr(bench, "method_command", lambda *a: crash)
-    row = bench.run_one("knn", 1, 0, None, tmp_path)
+    row = bench.run_one("knn", 1, 0, bench.build_parser().parse_args(["--dataset-root", "d"]), tmp_path)
     assert row["status"] == "failed" and row["error"] == "exit 1: RuntimeError: boom"
     assert row["wall_seconds"] > 0 and (row["peak_rss_mb"] is None or row["peak_rss_mb"] > 0)
 
@@ -115,3 +115,11 @@ def test_long_run_samples_memory_over_the_calls(tree):
     assert calls == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
     assert all(mb > 50 for _, mb in report["rss_mb"]) and report["seconds_per_call"] > 0
     assert abs(report["growth_mb"]) < 200  # 30 calls of a 64 px kNN must not grow memory by hundreds of MiB
+
+
+def test_bank_megabytes_reads_both_result_formats():
+    bench = _load_module()
+    assert bench.bank_megabytes(None) is None
+    assert bench.bank_megabytes(2**20) == 1.0
+    fdsl = {"main_bank_bytes": 2**20, "window_bank_bytes": 2**21, "window_key_bytes": 10, "window_searched_bytes": 5}
+    assert bench.bank_megabytes(fdsl) == 3.0
