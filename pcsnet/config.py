@@ -1,7 +1,8 @@
 """PCSNet configuration: one dataclass, YAML files in configs/pcsnet/, command-line flags on top.
 
 Precedence: dataclass defaults < YAML (`--config FILE`) < flags given on the command line. The dataclass defaults
-are the CPU setting (efficientnet_lite0, 32x32 grid at 256 px, CAS width 128); `configs/pcsnet/paper.yaml` holds
+are the CPU setting (efficientnet_lite0, 32x32 grid at 256 px, CAS width 128, r on the distance scale, map = CAS +
+PFA distance map; the last two deviate from the paper, see docs/STATUS.md); `configs/pcsnet/paper.yaml` holds
 the paper's setting (wide_resnet50_2, 224 px, 64x64 grid, CAS width 896). The resolved config is saved in every
 checkpoint and in results.json.
 """
@@ -46,16 +47,20 @@ class PCSNetConfig:
     epochs: int = 50  # paper: 50
     batch_size: int = 2  # paper: 2 clean support images per step (+ their pseudo-anomalous versions)
     lr_adaptor: float = 1e-3  # paper: descriptor and r
-    lr_cas: float = 1e-4
+    lr_cas: float = 1e-3  # paper: 1e-4 (too few steps at k <= 8 for the CAS head; docs/STATUS.md)
     weight_decay: float = 1e-5
-    r_init: float = 1e-5  # paper: learnable radius r
+    r_init: float | str = "auto"  # paper: 1e-5; "auto" = sqrt of the mean clean support 3-NN distance at init
+    r_mode: str = "log"  # paper: "linear" (r itself is trained); "log" trains log r (scale-free steps)
     alpha: float = 0.2  # paper: margin
     nu: float = 1e-3  # paper: hinge losses divided by nu
     loss_weights: tuple[float, float, float, float] = (1.0, 1.0, 50.0, 40.0)  # NFC, AFS, PDC, SEG
     pdc_mode: str = "softmax"  # softmax (the original's batch CE, a ranking loss) | bce
-    refresh_prototypes: int = 0  # 0 = prototypes once at init (original); N = recompute every N epochs
+    refresh_prototypes: int = 10  # paper 0 = once at init; N = recompute every N epochs (docs/STATUS.md)
+    nsa_default_bounds: tuple[float, float] | None = (0.02, 0.15)  # NSA half-width bounds (lo, hi) of classes not
+    # in the MVTec/MPDD tables, both axes; None = (0.03, 0.4) as the tables' large classes
+    nsa_default_patches: int | None = None  # NSA patch count of classes not in the tables (None = 2)
     aug_pool: int = 8  # pseudo-anomalous variants precomputed per support image; 0 = fresh every step
-    fuse_pfa: float = 0.0  # weight of the (support-normalised) PFA distance map added to the CAS map
+    fuse_pfa: float = 1.0  # paper 0 (CAS map only); weight of the support-normalised PFA distance map added to it
     smooth_sigma: float = 4.0  # paper: gaussian sigma 4 on the map before the image score (max)
     test_batch_size: int = 8
     save_checkpoints: bool = True
@@ -69,6 +74,10 @@ class PCSNetConfig:
         """A count defined for the 64x64 grid, rescaled to `grid` x `grid` positions (at least 1)."""
         return max(1, round(reference * grid * grid / (REF_GRID * REF_GRID)))
 
+    def _r_number_ok(self) -> bool:
+        number = isinstance(self.r_init, (int, float)) and not isinstance(self.r_init, bool)
+        return number and (self.r_mode == "linear" or self.r_init > 0)
+
     def validate(self) -> PCSNetConfig:
         """Raise UserError for values the model cannot run with."""
         checks = [
@@ -78,6 +87,11 @@ class PCSNetConfig:
             (self.cas_width >= 1, f"CAS width must be >= 1, got {self.cas_width}"),
             (self.refresh_prototypes >= 0, "refresh-prototypes must be >= 0"),
             (self.aug_pool >= 0, "aug-pool must be >= 0"),
+            (self.r_mode in ("linear", "log"), f"r_mode must be linear or log, got {self.r_mode!r}"),
+            (
+                self.r_init == "auto" or self._r_number_ok(),
+                f"r_init must be 'auto' or a number (> 0 with r_mode log), got {self.r_init!r}",
+            ),
             (self.pdc_mode in ("softmax", "bce"), f"pdc_mode must be softmax or bce, got {self.pdc_mode!r}"),
             (len(self.loss_weights) == 4, "loss_weights needs 4 values (NFC, AFS, PDC, SEG)"),
             (self.nn_loss >= 1, "nn_loss must be >= 1"),
@@ -88,7 +102,7 @@ class PCSNetConfig:
         return self
 
 
-_TUPLE_FIELDS = {"layers", "loss_weights", "rotation_classes"}
+_TUPLE_FIELDS = {"layers", "loss_weights", "rotation_classes", "nsa_default_bounds"}
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PCSNetConfig:
@@ -113,7 +127,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     if unknown:
         raise UserError(f"unknown PCSNet option(s) {', '.join(unknown)}" + (f" in {path}" if path else ""))
     for key in _TUPLE_FIELDS & set(values):
-        values[key] = tuple(values[key])
+        values[key] = None if values[key] is None else tuple(values[key])
     return PCSNetConfig(**values).validate()
 
 

@@ -6,6 +6,8 @@ not saved in checkpoints); `PCSNet` takes the backbone's feature levels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -139,9 +141,30 @@ class PCSNet(nn.Module):
         self.nn_loss = min(cfg.nn_loss, positions)
         self.pdc_top = cfg.pdc_top or cfg.scaled(PAPER_PDC_TOP, self.grid)
         self.cas = CAS(self.cas_in, self.nn_cas, cfg.cas_width, pyramid_bins(self.grid), cfg.cas_dropout)
-        self.r = nn.Parameter(torch.tensor(float(cfg.r_init)))  # radius r of L_NFC / L_AFS, trained with A
+        # Radius r of L_NFC / L_AFS, trained with the descriptor: r itself (paper) or log r. "auto" is a placeholder
+        # until init_radius() sets it from the support distances.
+        self.r_log = cfg.r_mode == "log"
+        r0 = 1.0 if cfg.r_init == "auto" else float(cfg.r_init)
+        self.r_param = nn.Parameter(torch.tensor(math.log(r0) if self.r_log else r0))
         self.register_buffer("prototypes", torch.zeros(positions, dim))  # C: frozen, in the state_dict
         self.register_buffer("pfa_scale", torch.ones(()))  # support-based scale of the PFA map (fusion only)
+
+    @property
+    def r(self) -> torch.Tensor:
+        """The radius r (a differentiable function of the trained parameter)."""
+        return self.r_param.exp() if self.r_log else self.r_param
+
+    @torch.no_grad()
+    def init_radius(self, clean_knn: torch.Tensor) -> float:
+        """Put r on the distance scale: r^2 = the mean of the clean support's nn_loss-NN distances; returns r.
+
+        Distances are Euclidean (about 6 for lite0 features) while the paper compares them with r^2 from
+        r = 1e-5; at lr 1e-3 r cannot reach that scale in a few hundred steps, so L_NFC stays a plain pull and
+        L_AFS ((r + alpha)^2 - d < 0) is never active.
+        """
+        r = float(clean_knn[..., : self.nn_loss].mean().clamp_min(1e-12).sqrt())
+        self.r_param.fill_(math.log(r) if self.r_log else r)
+        return r
 
     @torch.no_grad()
     def set_prototypes(self, support_levels: list[torch.Tensor], chunk: int = 8) -> None:

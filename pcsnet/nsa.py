@@ -56,11 +56,20 @@ class NSAParams:
     skip_background: tuple[int, int] | None
 
 
-def nsa_params(class_name: str) -> NSAParams:
-    """The class's NSA parameters; unknown classes get the (0.03, 0.4) bounds, 2 patches, no object mask."""
+def nsa_params(
+    class_name: str, default_bounds: tuple[float, float] | None = None, default_patches: int | None = None
+) -> NSAParams:
+    """The class's NSA parameters.
+
+    Classes outside the MVTec/MPDD tables get `default_bounds` (half-width fractions (lo, hi) on both axes;
+    None = the (0.03, 0.4) bounds), `default_patches` patches (None = DEFAULT_PATCHES) and no object mask.
+    """
+    known = class_name in _WIDTHS
+    bounds = LARGE if default_bounds is None else (tuple(default_bounds), tuple(default_bounds))
+    patches = DEFAULT_PATCHES if default_patches is None else int(default_patches)
     return NSAParams(
-        width_bounds=_WIDTHS.get(class_name, LARGE),
-        num_patches=_PATCHES.get(class_name, 1 if class_name in _WIDTHS else DEFAULT_PATCHES),
+        width_bounds=_WIDTHS[class_name] if known else bounds,
+        num_patches=_PATCHES.get(class_name, 1 if known else patches),
         min_object_pct=_MIN_OBJECT.get(class_name, 0.7),
         min_overlap_pct=0.25,
         skip_background=_BACKGROUND.get(class_name),
@@ -84,7 +93,12 @@ def to_tensor(images: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
 
 
 def make_pseudo_anomalies(
-    images: torch.Tensor, class_name: str, rng: np.random.Generator, mean: tuple, std: tuple
+    images: torch.Tensor,
+    class_name: str,
+    rng: np.random.Generator,
+    mean: tuple,
+    std: tuple,
+    params: NSAParams | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One NSA pseudo anomaly per image, made at the input resolution.
 
@@ -93,12 +107,13 @@ def make_pseudo_anomalies(
         class_name: selects the NSA parameters.
         rng: the only source of randomness (seeded per run and class).
         mean, std: the normalisation of `images`.
+        params: NSA parameters (default: `nsa_params(class_name)`).
 
     Returns:
         (augmented (B, 3, S, S) normalised, masks (B, 1, S, S) float {0, 1}); a mask may stay empty after
         MAX_DRAWS tries (such an image is then labelled normal by the trainer).
     """
-    params = nsa_params(class_name)
+    params = params or nsa_params(class_name)
     pixels = to_uint8(images, mean, std)
     out, masks = np.empty_like(pixels), np.zeros(pixels.shape[:3], np.float32)
     for i, image in enumerate(pixels):

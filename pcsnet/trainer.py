@@ -26,7 +26,8 @@ from common.utils import atomic_torch_save
 from pcsnet.config import PCSNetConfig, config_to_dict, load_config
 from pcsnet.losses import afs_loss, nfc_loss, pdc_loss, seg_loss, total_loss
 from pcsnet.model import PCSNet
-from pcsnet.nsa import make_pseudo_anomalies
+from pcsnet.nsa import NSAParams, make_pseudo_anomalies, nsa_params
+from pcsnet.prototypes import knn_distances
 
 Levels = list[torch.Tensor]  # backbone feature levels [(B, C_l, H_l, W_l)]
 
@@ -50,8 +51,17 @@ class PseudoAnomalySource:
     a fresh NSA draw and backbone pass for every image of every step (the original's behaviour).
     """
 
-    def __init__(self, backbone: Backbone, support: torch.Tensor, class_name: str, rng: np.random.Generator, pool: int):
+    def __init__(
+        self,
+        backbone: Backbone,
+        support: torch.Tensor,
+        class_name: str,
+        rng: np.random.Generator,
+        pool: int,
+        params: NSAParams | None = None,
+    ):
         self.backbone, self.support, self.class_name, self.rng, self.pool = backbone, support, class_name, rng, pool
+        self.params = params or nsa_params(class_name)
         self.k = len(support)
         if pool > 0:
             variants = [self._draw(torch.arange(self.k)) for _ in range(pool)]  # pool x (levels, masks)
@@ -60,7 +70,8 @@ class PseudoAnomalySource:
 
     def _draw(self, idx: torch.Tensor) -> tuple[Levels, torch.Tensor]:
         mean, std = self.backbone.mean, self.backbone.std
-        images, masks = make_pseudo_anomalies(self.support[idx].cpu(), self.class_name, self.rng, mean, std)
+        images, masks = make_pseudo_anomalies(self.support[idx].cpu(), self.class_name, self.rng, mean, std,
+                                              self.params)  # fmt: skip
         device = self.support.device
         return extract_levels(self.backbone, images.to(device)), masks.to(device)
 
@@ -76,7 +87,7 @@ class PseudoAnomalySource:
 def build_optimizer(model: PCSNet, cfg: PCSNetConfig) -> torch.optim.Optimizer:
     """Adam (amsgrad), lr 1e-3 for the descriptor and r, 1e-4 for CAS, weight decay 1e-5 (section 4)."""
     groups = [
-        {"params": list(model.descriptor.parameters()) + [model.r], "lr": cfg.lr_adaptor},
+        {"params": list(model.descriptor.parameters()) + [model.r_param], "lr": cfg.lr_adaptor},
         {"params": list(model.cas.parameters()), "lr": cfg.lr_cas},
     ]
     return torch.optim.Adam(groups, amsgrad=True, weight_decay=cfg.weight_decay)
@@ -136,7 +147,12 @@ def train_class(
     model = PCSNet(channels, cfg, rotation=class_name in cfg.rotation_classes).to(support.device)
     clean_levels = extract_levels(backbone, support)  # cached once: the backbone is frozen
     model.set_prototypes(clean_levels)  # C from the initial descriptor, as the original
-    source = PseudoAnomalySource(backbone, support, class_name, rng, cfg.aug_pool)
+    if cfg.r_init == "auto":
+        with torch.no_grad():
+            model.eval()  # BN of the rotation variant: no running-stat update
+            model.init_radius(knn_distances(model.descriptor(clean_levels), model.prototypes, model.nn_loss))
+    params = nsa_params(class_name, cfg.nsa_default_bounds, cfg.nsa_default_patches)
+    source = PseudoAnomalySource(backbone, support, class_name, rng, cfg.aug_pool, params)
     opt = build_optimizer(model, cfg)
     model.train()
     history = []
@@ -185,9 +201,7 @@ class PCSNetDetector:
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
         """Train the class model on (k, 3, S, S) support images and save its checkpoint."""
         start = time.perf_counter()
-        self.model, history = train_class(
-            self.backbone, self.cfg, class_name, support_images, self.seed, self.progress
-        )
+        self.model, history = train_class(self.backbone, self.cfg, class_name, support_images, self.seed, self.progress)
         self.train_seconds[class_name] = time.perf_counter() - start
         self.histories[class_name] = history
         if self.save_dir is not None and self.cfg.save_checkpoints:
@@ -199,8 +213,9 @@ class PCSNetDetector:
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> pred_score (B,) = max of the sigma-smoothed map, anomaly_map (B, S, S) unsmoothed.
 
-        The map is the CAS output (plus `fuse_pfa` x the PFA distance map when set). evaluate() smooths the
-        returned map itself for the pixel metrics, so the score is computed here on the same smoothed map.
+        The map is the CAS output plus `fuse_pfa` x the PFA distance map (default 1; the paper's 0 = CAS only, a
+        deviation measured in docs/STATUS.md). evaluate() smooths the returned map itself for the pixel metrics,
+        so the score is computed here on the same smoothed map.
         """
         if self.model is None:
             raise RuntimeError("PCSNetDetector.predict called before setup")

@@ -67,3 +67,15 @@ def test_seg_and_total():
     assert math.isclose(float(seg_loss(logits, mask)), 0.25)
     terms = {"nfc": torch.tensor(1.0), "afs": torch.tensor(2.0), "pdc": torch.tensor(3.0), "seg": torch.tensor(4.0)}
     assert float(total_loss(terms, (1, 1, 50, 40))) == 1 + 2 + 150 + 160
+
+
+def test_log_radius_gradient_signs_through_the_losses():
+    """r = exp(log r): L_NFC (normal pixels outside r^2) grows r, L_AFS (anomalies inside (r+alpha)^2) shrinks it."""
+    log_r = torch.tensor(0.0, requires_grad=True)  # r = 1
+    nfc_loss(torch.full((1, 4, 3), 2.0), log_r.exp(), NU).backward()
+    assert log_r.grad < 0
+    # d(L)/d(log r) = r * dL/dr = -2 r^2 / nu per active value: a step of log r is scale-free
+    assert math.isclose(float(log_r.grad), -2.0 / NU, rel_tol=1e-5)
+    log_r.grad = None
+    afs_loss(torch.full((1, 1, 3), 1.0), torch.tensor([[True]]), log_r.exp(), ALPHA, NU).backward()
+    assert math.isclose(float(log_r.grad), 2 * (1 + ALPHA) / NU, rel_tol=1e-5)  # > 0: descent shrinks r

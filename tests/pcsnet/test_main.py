@@ -60,14 +60,38 @@ def test_main_k1_writes_contract_results(tree, tmp_path):
 def test_main_one_class_with_yaml_and_flags(tree, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("cas_width: 4\nepochs: 5\nrefresh_prototypes: 1\n")
-    args = ["--data-root", str(tree), "--k-shot", "2", "--seed", "1", "--save-dir", str(tmp_path / "o"),
-            "--class-name", "a", "--image-size", "64", "--epochs", "1", "--config", str(config), "--no-checkpoints"]
+    args = [
+        "--data-root",
+        str(tree),
+        "--k-shot",
+        "2",
+        "--seed",
+        "1",
+        "--save-dir",
+        str(tmp_path / "o"),
+        "--class-name",
+        "a",
+        "--image-size",
+        "64",
+        "--epochs",
+        "1",
+        "--config",
+        str(config),
+        "--no-checkpoints",
+        "--set",
+        "lr_cas=1e-3",
+        "--set",
+        "nsa_default_bounds=[0.01, 0.1]",
+        "--set",
+        "r_mode=linear",
+    ]
     code, err = call_main(capsys, *args)
     assert code == 0, err
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     cfg = results["pcsnet"]["config"]
     assert list(results["per_class"]) == ["a"] and cfg["epochs"] == 1 and cfg["cas_width"] == 4
     assert cfg["refresh_prototypes"] == 1 and not (tmp_path / "o" / "checkpoints").exists()
+    assert cfg["lr_cas"] == 1e-3 and cfg["nsa_default_bounds"] == [0.01, 0.1] and cfg["r_mode"] == "linear"
 
 
 @pytest.mark.parametrize(
@@ -77,6 +101,8 @@ def test_main_one_class_with_yaml_and_flags(tree, tmp_path, capsys):
         (["--k-shot", "99"], "larger than"),
         (["--k-shot", "1", "--class-name", "nope"], "nope"),
         (["--k-shot", "1", "--cas-width", "0"], "CAS width"),
+        (["--k-shot", "1", "--set", "lr_cas"], "KEY=VALUE"),
+        (["--k-shot", "1", "--set", "no_such_option=1"], "no_such_option"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tree, tmp_path, capsys, args, message):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -112,3 +114,18 @@ def test_paper_yaml_loads():
     assert cfg.backbone == "wide_resnet50_2" and cfg.cas_width == 896 and cfg.resolved_grid() == 64
     model_cfg = PCSNetConfig(image_size=224, grid_size=64)
     assert model_cfg.scaled(200, 64) == 200 and model_cfg.scaled(200, 32) == 50
+
+
+def test_radius_modes_and_auto_init_from_support_distances():
+    paper = PCSNet(CHANNELS, small_cfg(r_mode="linear", r_init=1e-5))
+    assert float(paper.r.detach()) == pytest.approx(1e-5) and float(paper.r_param.detach()) == pytest.approx(1e-5)
+    log = PCSNet(CHANNELS, small_cfg(r_mode="log", r_init=2.0))
+    assert float(log.r.detach()) == pytest.approx(2.0) and float(log.r_param.detach()) == pytest.approx(0.6931472)
+    knn = torch.tensor([[[1.0, 4.0, 7.0, 100.0]], [[2.0, 5.0, 8.0, 100.0]]])  # only the nn_loss = 3 nearest count
+    for model in (paper, log):
+        assert model.init_radius(knn) == pytest.approx(math.sqrt(4.5))
+        assert float(model.r.detach()) ** 2 == pytest.approx(4.5)
+    with pytest.raises(UserError, match="r_init"):
+        small_cfg(r_mode="log", r_init=0.0).validate()
+    with pytest.raises(UserError, match="r_mode"):
+        small_cfg(r_mode="cubic").validate()

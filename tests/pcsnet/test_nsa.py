@@ -26,6 +26,9 @@ def test_class_table_and_defaults():
     assert nsa_params("bottle").num_patches == 1 and nsa_params("bracket_white").skip_background == (130, 60)
     unknown = nsa_params("my_widget")
     assert unknown.width_bounds == LARGE and unknown.num_patches == 2 and unknown.skip_background is None
+    small = nsa_params("my_widget", default_bounds=(0.01, 0.1), default_patches=3)
+    assert small.width_bounds == ((0.01, 0.1), (0.01, 0.1)) and small.num_patches == 3
+    assert nsa_params("hazelnut", default_bounds=(0.01, 0.1)).width_bounds == SMALL_WIDE  # the table wins
 
 
 def test_uint8_round_trip_is_exact():

@@ -84,3 +84,17 @@ def test_detector_predict_and_checkpoint_round_trip(tmp_path):
     detector.model = model
     score2, amap2 = detector.predict(images)
     assert torch.allclose(score, score2) and torch.allclose(amap, amap2)
+
+
+def test_auto_radius_starts_on_the_support_distance_scale():
+    from pcsnet.prototypes import knn_distances
+
+    backbone, sup = ToyBackbone(), support(3)
+    model, _ = train_class(backbone, cfg(epochs=0), "c", sup, seed=0, progress=False)
+    with torch.no_grad():
+        from pcsnet.trainer import extract_levels
+
+        knn = knn_distances(model.descriptor(extract_levels(backbone, sup)), model.prototypes, 3)
+    assert float(model.r.detach()) ** 2 == pytest.approx(float(knn.mean()), rel=1e-5)
+    paper, _ = train_class(backbone, cfg(epochs=0, r_mode="linear", r_init=1e-5), "c", sup, seed=0, progress=False)
+    assert float(paper.r.detach()) == pytest.approx(1e-5)
