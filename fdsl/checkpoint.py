@@ -99,7 +99,12 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated/corrupt files; all mean "unreadable"
-        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "zip archive" in reason or "central directory" in reason:  # torch's miniz text for a cut-off file
+            reason = "the file is truncated or corrupt"
+        raise UserError(
+            f"cannot read checkpoint {path}: {reason}; copy it again or re-run python -m fdsl.train"
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} is not an FDSL checkpoint (written by python -m fdsl.train)")
     return state
