@@ -123,3 +123,14 @@ def test_bank_megabytes_reads_both_result_formats():
     assert bench.bank_megabytes(2**20) == 1.0
     fdsl = {"main_bank_bytes": 2**20, "window_bank_bytes": 2**21, "window_key_bytes": 10, "window_searched_bytes": 5}
     assert bench.bank_megabytes(fdsl) == 3.0
+
+
+def test_pcsnet_rows_use_test_time_and_report_training(tmp_path):
+    bench = _load_module()
+    mean = dict.fromkeys(bench.IMAGE_METRICS + bench.PIXEL_METRICS, 0.5)
+    results = {"backbone": "b", "image_size": 64, "mean": mean, "timing": {"n_images": 10, "seconds_per_image": 3.0},
+               "pcsnet": {"train_seconds": {"a": 20.0, "b": 40.0}, "test_seconds_per_image": 0.25}}  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    row = bench._collect({"method": "pcsnet"}, tmp_path, 0, None, False, 1.0)
+    assert row["status"] == "ok" and row["seconds_per_image"] == 0.25 and row["images_per_second"] == 4.0
+    assert row["train_seconds_per_class"] == 30.0
