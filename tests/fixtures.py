@@ -7,6 +7,7 @@ builds its meta.json. `tree_digest` hashes a tree to check that a command left i
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import os
 from collections.abc import Iterable, Mapping
@@ -165,3 +166,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def load_script(path: str | os.PathLike, name: str):
+    """Import a script file (scripts/*.py are not a package) as a module, fresh on every call."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

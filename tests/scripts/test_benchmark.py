@@ -1,6 +1,5 @@
 """scripts/benchmark.py end to end on a tiny tree: rows per (method, k), seed statistics, reference, failures."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import make_mvtec_tree
+from tests.fixtures import load_script, make_mvtec_tree
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = str(REPO / "scripts" / "benchmark.py")
@@ -24,10 +23,7 @@ def tree(tmp_path_factory):
 
 
 def _load_module():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "benchmark_script")
 
 
 def test_run_one_records_a_crashing_subprocess_with_its_last_error_line(tmp_path, monkeypatch):

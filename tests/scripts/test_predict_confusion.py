@@ -1,20 +1,17 @@
 """scripts/predict_confusion.py on a hand-made predictions.csv."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from common.utils import UserError
+from tests.fixtures import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "predict_confusion.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("predict_confusion", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "predict_confusion")
 
 
 def test_counts_and_auroc(tmp_path, capsys):
