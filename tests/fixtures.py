@@ -91,6 +91,15 @@ def make_mvtec_tree(
     return root
 
 
+def make_mvtec_dataset(root: str | os.PathLike, **tree_options) -> Path:
+    """`make_mvtec_tree(root, **tree_options)` plus its meta.json, as `python data/mvtec.py --root ROOT` writes it."""
+    from data.meta import scan_mvtec_layout, write_meta
+
+    root = Path(make_mvtec_tree(root, **tree_options))
+    write_meta(root, scan_mvtec_layout(root, verbose=False))
+    return root
+
+
 def tree_digest(root: str | os.PathLike, exclude: Iterable[str] = ("meta.json",)) -> dict[str, str]:
     """Map each file's path (relative to `root`) to the sha256 of its bytes, leaving out `exclude` names."""
     root, skip = Path(root), set(exclude)

@@ -16,11 +16,10 @@ import torch
 import main as pcsnet_main
 from common.backbones import TINY_VIT
 from common.results import METRIC_KEYS
-from data.meta import scan_mvtec_layout, write_meta
 from fdsl import test as fdsl_test
 from fdsl import train as fdsl_train
 from fdsl.checkpoint import load_checkpoint
-from tests.fixtures import make_mvtec_tree, one_thread  # noqa: F401 - autouse: one torch thread in this module
+from tests.fixtures import make_mvtec_dataset, one_thread  # noqa: F401 - autouse: one torch thread in this module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,9 +29,9 @@ def trees(tmp_path_factory):
     base = tmp_path_factory.mktemp("det")
     roots = []
     for name, classes, seed in (("train_ds", ("a",), 1), ("test_ds", ("a", "b"), 2)):
-        root = make_mvtec_tree(base / name, classes=classes, n_train=4, n_test_good=2, defects={"crack": 3}, seed=seed)
-        write_meta(root, scan_mvtec_layout(root, verbose=False))
-        roots.append(root)
+        roots.append(
+            make_mvtec_dataset(base / name, classes=classes, n_train=4, n_test_good=2, defects={"crack": 3}, seed=seed)
+        )
     return roots
 
 

@@ -13,18 +13,15 @@ import pytest
 
 import main as pcsnet_main
 from common.backbones import TINY_VIT
-from data.meta import scan_mvtec_layout, write_meta
 from fdsl import test as fdsl_test
 from fdsl import train as fdsl_train
-from tests.fixtures import make_mvtec_tree, one_thread  # noqa: F401 - autouse: one torch thread in this module
+from tests.fixtures import make_mvtec_dataset, one_thread  # noqa: F401 - autouse: one torch thread in this module
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_tree(root: Path, classes: tuple[str, ...], seed: int) -> Path:
-    make_mvtec_tree(root, classes=classes, n_train=4, n_test_good=2, defects={"crack": 3}, size=64, seed=seed)
-    write_meta(root, scan_mvtec_layout(root, verbose=False))
-    return root
+    return make_mvtec_dataset(root, classes=classes, n_train=4, n_test_good=2, defects={"crack": 3}, size=64, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,9 @@ import torch
 
 import main as pcsnet_main
 from common.backbones import TINY_VIT
-from data.meta import scan_mvtec_layout, write_meta
 from fdsl import train as fdsl_train
 from fdsl.checkpoint import latest_checkpoint, load_checkpoint
-from tests.fixtures import make_mvtec_tree, one_thread  # noqa: F401 - autouse: one torch thread in this module
+from tests.fixtures import make_mvtec_dataset, one_thread  # noqa: F401 - autouse: one torch thread in this module
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 5
@@ -28,9 +27,7 @@ EPOCHS = 5
 @pytest.fixture(scope="module")
 def train_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resume") / "train_ds"
-    make_mvtec_tree(root, classes=("a",), n_train=4, n_test_good=3, defects={"crack": 5}, size=64, seed=1)
-    write_meta(root, scan_mvtec_layout(root, verbose=False))
-    return root
+    return make_mvtec_dataset(root, classes=("a",), n_train=4, n_test_good=3, defects={"crack": 5}, size=64, seed=1)
 
 
 def train_args(root: Path, out: Path, *extra: str) -> list[str]:
@@ -97,8 +94,7 @@ def test_resume_refuses_other_options(train_root, tmp_path, capsys):
 
 
 def test_main_resume_skips_recorded_classes(tmp_path, capsys):
-    root = make_mvtec_tree(tmp_path / "ds", classes=("a", "b"), n_train=3, n_test_good=2, defects={"crack": 2})
-    write_meta(root, scan_mvtec_layout(root, verbose=False))
+    root = make_mvtec_dataset(tmp_path / "ds", classes=("a", "b"), n_train=3, n_test_good=2, defects={"crack": 2})
     args = ["--data-root", str(root), "--k-shot", "1", "--seed", "0", "--image-size", "64", "--epochs", "1",
             "--cas-width", "8", "--aug-pool", "1", "--device", "cpu", "--quiet", "--resume"]  # fmt: skip
     assert pcsnet_main.main([*args, "--save-dir", str(tmp_path / "full")]) == 0

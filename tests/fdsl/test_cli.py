@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from common.backbones import TINY_VIT
-from data.meta import scan_mvtec_layout, write_meta
 from fdsl import test as fdsl_test
 from fdsl import train as fdsl_train
-from tests.fixtures import make_mvtec_tree, tree_digest
+from tests.fixtures import make_mvtec_dataset, tree_digest
 
 REPO = Path(__file__).resolve().parents[2]
 CONTRACT_KEYS = {
@@ -32,9 +31,7 @@ METRICS = {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap",
 
 
 def _tree(root: Path, classes=("a", "b"), seed=0) -> Path:
-    make_mvtec_tree(root, classes=classes, n_train=4, n_test_good=2, defects={"crack": 2}, size=64, seed=seed)
-    write_meta(root, scan_mvtec_layout(root, verbose=False))
-    return root
+    return make_mvtec_dataset(root, classes=classes, n_train=4, n_test_good=2, defects={"crack": 2}, size=64, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +66,13 @@ def _train(root, out, backbone, *extra):
     return out / "last.pth"
 
 
+def _test_args(root, ckpt, out, k_shot, seed, *extra) -> list[str]:
+    """fdsl.test arguments on the CPU, without progress bars."""
+    args = ["--dataset-root", str(root), "--checkpoint", str(ckpt), "--k-shot", str(k_shot), "--seed", str(seed),
+            "--save-dir", str(out), *extra, "--device", "cpu", "--progress", "0"]  # fmt: skip
+    return args
+
+
 def test_clip_path_end_to_end_with_lfe(trees):
     train_root, test_root, base = trees
     before = tree_digest(test_root)
@@ -77,31 +81,9 @@ def test_clip_path_end_to_end_with_lfe(trees):
     assert json.loads((base / "vit" / "config.json").read_text())["backbone"] == TINY_VIT
     out = base / "vit_test"
     code = fdsl_test.main(
-        [
-            "--dataset-root",
-            str(test_root),
-            "--checkpoint",
-            str(ckpt),
-            "--k-shot",
-            "2",
-            "--seed",
-            "0",
-            "--save-dir",
-            str(out),
-            "--win-mode",
-            "mul",
-            "--win-size",
-            "4",
-            "--win-stride",
-            "3",
-            "--use-img-idx",
-            "1",
-            "--device",
-            "cpu",
-            "--progress",
-            "0",
-        ]
-    )
+        _test_args(test_root, ckpt, out, 2, 0, "--win-mode", "mul", "--win-size", "4", "--win-stride", "3",
+                   "--use-img-idx", "1")
+    )  # fmt: skip
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert CONTRACT_KEYS <= set(results) and results["win_mode"] == "mul" and results["k_shot"] == 2
@@ -118,37 +100,9 @@ def test_cnn_path_and_options(trees):
     ckpt = _train(train_root, base / "cnn", "efficientnet_lite0", "--use-nam", "0")
     out = base / "cnn_test"
     code = fdsl_test.main(
-        [
-            "--dataset-root",
-            str(test_root),
-            "--checkpoint",
-            str(ckpt),
-            "--k-shot",
-            "1",
-            "--seed",
-            "3",
-            "--save-dir",
-            str(out),
-            "--win-mode",
-            "onlywin",
-            "--win-size",
-            "4",
-            "--win-stride",
-            "4",
-            "--image-score",
-            "max",
-            "--fd-weight",
-            "0.5",
-            "--legacy-second-draw",
-            "1",
-            "--class-name",
-            "b",
-            "--device",
-            "cpu",
-            "--progress",
-            "0",
-        ]
-    )
+        _test_args(test_root, ckpt, out, 1, 3, "--win-mode", "onlywin", "--win-size", "4", "--win-stride", "4",
+                   "--image-score", "max", "--fd-weight", "0.5", "--legacy-second-draw", "1", "--class-name", "b")
+    )  # fmt: skip
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["per_class"]) == ["b"] and results["use_nam"] is False and results["win_zoom"] == 2.0
@@ -156,22 +110,7 @@ def test_cnn_path_and_options(trees):
     # the pooling the head was trained with is recorded for the test side (default: none)
     assert json.loads((ckpt.parent / "config.json").read_text())["feature_pool"] == 1
     # a NAM request against a head trained without NAM, and a backbone that does not match, are user errors
-    args = [
-        "--dataset-root",
-        str(test_root),
-        "--checkpoint",
-        str(ckpt),
-        "--k-shot",
-        "1",
-        "--seed",
-        "0",
-        "--save-dir",
-        str(base / "x"),
-        "--device",
-        "cpu",
-        "--progress",
-        "0",
-    ]
+    args = _test_args(test_root, ckpt, base / "x", 1, 0)
     assert fdsl_test.main(args + ["--use-nam", "1"]) == 2
     assert fdsl_test.main(args + ["--backbone", TINY_VIT]) == 2
 
