@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     save_dir = check_writable_dir(args.save_dir)
 
     from common.backbones import build_backbone
-    from common.evaluation import ClassResult, EvalConfig, check_eval_inputs, evaluate_sharded
+    from common.evaluation import ClassResult, EvalConfig, check_eval_inputs, evaluate_sharded, timing_breakdown
     from common.few_shot import sample_support
     from common.results import build_results, write_results
     from common.utils import atomic_write_json
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(save_dir / "classes" / f"{name}.json", {
             "run": key, "metrics": result.metrics, "support": result.support, "n_images": result.n_images,
             "seconds": result.seconds, "train_seconds": detector.train_seconds.get(name, 0.0),
+            "setup_seconds": result.setup_seconds, "backbone_seconds": result.backbone_seconds,
+            "data_seconds": result.data_seconds,
             "final_loss": history[-1] if history else None,
         })  # fmt: skip
 
@@ -216,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             final_losses.update(losses)
     total = time.perf_counter() - start
     for name, rec in done.items():
-        fresh[name] = ClassResult(rec["metrics"], rec["support"], rec["n_images"], rec["seconds"])
+        fresh[name] = ClassResult(rec["metrics"], rec["support"], rec["n_images"], rec["seconds"],
+                                  setup_seconds=rec.get("setup_seconds"), backbone_seconds=rec.get("backbone_seconds"),
+                                  data_seconds=rec.get("data_seconds"))  # fmt: skip
         train_s[name], final_losses[name] = rec["train_seconds"], rec["final_loss"]
         total += rec["seconds"]
     per_class = {c: fresh[c] for c in classes}
@@ -232,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     results = build_results(
         "pcsnet", args.data_root, args.k_shot, args.seed, cfg.backbone, cfg.image_size,
         {c: r.metrics for c, r in per_class.items()}, {c: r.support for c, r in per_class.items()},
-        n_images, total, extra=extra,
+        n_images, total, extra=extra, timing=timing_breakdown(per_class),
     )  # fmt: skip
     log = [f"{c}: train {train_s.get(c, 0.0):.1f} s, test {test_s[c] / max(per_class[c].n_images, 1):.3f} s/image"
            for c in per_class]  # fmt: skip

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from common.anomaly_map import GAUSSIAN_SIGMA
 from common.backbones import align_features, build_backbone, resolve_image_size
-from common.evaluation import EvalConfig, check_eval_inputs, evaluate
+from common.evaluation import EvalConfig, check_eval_inputs, evaluate, timing_breakdown
 from common.memory_bank import MemoryBank
 from common.results import build_results, format_table, write_results
 from common.utils import (
@@ -40,11 +40,15 @@ class KNNDetector(nn.Module):
         metric: `l2` (PatchCore) or `cosine` (AnomalyDINO).
         pool: size of the local average pooling that gives each patch its neighbourhood (PatchCore: 3).
         nn_backend: `auto`, `torch` or `faiss`.
+        coreset: fraction of the support patches kept in the bank by greedy k-center selection (PatchCore);
+            1.0 keeps them all (exact nearest-neighbour search).
     """
 
-    def __init__(self, backbone: nn.Module, metric: str = "l2", pool: int = 3, nn_backend: str = "auto"):
+    def __init__(
+        self, backbone: nn.Module, metric: str = "l2", pool: int = 3, nn_backend: str = "auto", coreset: float = 1.0
+    ):
         super().__init__()
-        self.backbone, self.pool = backbone, pool
+        self.backbone, self.pool, self.coreset = backbone, pool, coreset
         self.bank = MemoryBank(metric=metric, backend=nn_backend)
         self.class_name: str | None = None
 
@@ -59,7 +63,7 @@ class KNNDetector(nn.Module):
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
         """Fill the bank with every patch of the support images: (k, 3, H, W) -> (k*h*w, C)."""
         self.class_name = class_name
-        self.bank.fit(self.embed(support_images).flatten(0, 2))
+        self.bank.fit(self.embed(support_images).flatten(0, 2), coreset_ratio=self.coreset)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> tuple[None, torch.Tensor]:
@@ -88,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: faiss on CPU (faster here), torch on CUDA",
     )
+    p.add_argument(
+        "--coreset",
+        type=float,
+        default=1.0,
+        help="fraction of support patches kept in the bank, greedy k-center as PatchCore (default 1.0 = all, exact)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--vis", action="store_true", help="save image | heat-map panels under SAVE_DIR/vis")
@@ -100,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if not 0.0 < args.coreset <= 1.0:
+        raise UserError(f"--coreset must be in (0, 1] (got {args.coreset})")
     if args.image_size is not None and args.image_size < 1:
         raise UserError(f"--image-size must be positive (got {args.image_size})")
     device = parse_device(args.device)
@@ -113,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(args.seed)
     backbone = build_backbone(args.backbone, args.pretrained, layers, device)
     size = resolve_image_size(backbone, args.image_size)
-    detector = KNNDetector(backbone, args.metric, nn_backend=args.nn_backend)
+    detector = KNNDetector(backbone, args.metric, nn_backend=args.nn_backend, coreset=args.coreset)
     cfg = EvalConfig(
         args.dataset_root, args.k_shot, args.seed, size, backbone.mean, backbone.std, classes,
         batch_size=args.batch_size, smooth_sigma=GAUSSIAN_SIGMA, device=device,
@@ -124,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         "knn", args.dataset_root, args.k_shot, args.seed, args.backbone, size,
         {c: r.metrics for c, r in per_class.items()}, {c: r.support for c, r in per_class.items()},
         sum(r.n_images for r in per_class.values()), seconds,
-        extra={"metric": args.metric, "bank_bytes": detector.bank.nbytes},
+        extra={"metric": args.metric, "coreset": args.coreset, "bank_bytes": detector.bank.nbytes},
+        timing=timing_breakdown(per_class),
     )  # fmt: skip
     write_results(args.save_dir, results)
     print(format_table(results))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +33,13 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float = GAUSSIAN_SIGMA) -> torch.
     (mode='reflect', truncate=4) up to float error, but batched and on the maps' device."""
     if sigma <= 0:
         return maps
+    if maps.device.type == "cpu" and maps.shape[0] > 0 and not maps.requires_grad:
+        return _gaussian_smooth_cv2(maps, sigma)
+    return _gaussian_smooth_torch(maps, sigma)
+
+
+def _gaussian_smooth_torch(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The device path (CUDA): two 1-D convolutions."""
     kernel = _gaussian_kernel1d(sigma, maps.device, maps.float().dtype)
     r = kernel.numel() // 2
     x = maps.float()[:, None]
@@ -40,6 +48,19 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float = GAUSSIAN_SIGMA) -> torch.
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
     x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     return x[:, 0]
+
+
+def _gaussian_smooth_cv2(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The CPU path: OpenCV's separable SIMD blur, ~10x faster than two conv2d with a 33-tap kernel at 256 px.
+    BORDER_REFLECT is scipy's 'reflect'; the kernel (size 2 * round(4 sigma) + 1) is the same normalised gaussian."""
+    import cv2
+
+    r = int(4.0 * sigma + 0.5)
+    x = maps.detach().float().contiguous().numpy()
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        cv2.GaussianBlur(x[i], (2 * r + 1, 2 * r + 1), sigma, dst=out[i], borderType=cv2.BORDER_REFLECT)
+    return torch.from_numpy(out)
 
 
 def _pad_symmetric(x: torch.Tensor, r: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from common import distributed
 from common.anomaly_map import gaussian_smooth, image_score_max, upsample_map
+from common.backbones import backbone_seconds
 from common.few_shot import sample_support
 from common.metrics import compute_metrics
 from common.utils import UserError
@@ -63,8 +64,32 @@ class ClassResult:
     metrics: dict
     support: list[str]
     n_images: int
-    seconds: float
+    seconds: float  # setup + test
     extra: dict = field(default_factory=dict)
+    setup_seconds: float | None = None  # support decode + detector.setup (bank building, PCSNet's training)
+    backbone_seconds: float | None = None  # backbone forwards during the test loop
+    data_seconds: float | None = None  # waiting for decoded test batches during the test loop
+
+
+def timing_breakdown(per_class: dict[str, ClassResult]) -> dict:
+    """results.json `timing` keys beyond the contract's: where the seconds went (None when a class lacks them).
+
+    `test_seconds_per_image` excludes the set-up, so it compares across methods whose set-up differs (a bank vs a
+    training run); `backbone_share` is the test loop's fraction of time in the backbone forward.
+    """
+    results = list(per_class.values())
+    n_images = sum(r.n_images for r in results)
+    out = {"setup_seconds": None, "test_seconds": None, "test_seconds_per_image": None, "backbone_seconds": None,
+           "backbone_share": None, "data_seconds": None}  # fmt: skip
+    if not results or any(r.setup_seconds is None or r.backbone_seconds is None for r in results):
+        return out
+    setup = sum(r.setup_seconds for r in results)
+    test = sum(r.seconds - r.setup_seconds for r in results)
+    backbone = sum(r.backbone_seconds for r in results)
+    out.update(setup_seconds=setup, test_seconds=test, test_seconds_per_image=test / max(n_images, 1),
+               backbone_seconds=backbone, backbone_share=backbone / test if test > 0 else None,
+               data_seconds=sum(r.data_seconds or 0.0 for r in results))  # fmt: skip
+    return out
 
 
 def check_eval_inputs(
@@ -118,10 +143,18 @@ def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tupl
         start = time.perf_counter()
         support_images = load_images(cfg.dataset_root, support, cfg.image_size, cfg.mean, cfg.std).to(cfg.device)
         detector.setup(class_name, support_images)
+        setup_seconds = time.perf_counter() - start
+        backbone_start, data_seconds = backbone_seconds(), 0.0
         scores, labels, maps, masks, known, paths = [], [], [], [], [], []
         loader = DataLoader(Subset(dataset, indices), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
         size = cfg.eval_size or cfg.image_size
-        for batch in tqdm(loader, desc=f"{class_name}", disable=not progress, leave=False):
+        batches = iter(tqdm(loader, desc=f"{class_name}", disable=not progress, leave=False))
+        while True:
+            wait = time.perf_counter()
+            batch = next(batches, None)
+            data_seconds += time.perf_counter() - wait
+            if batch is None:
+                break
             with torch.inference_mode():
                 pred_score, anomaly_map = detector.predict(batch["image"].to(cfg.device))
                 anomaly_map = upsample_map(anomaly_map, size)
@@ -139,6 +172,7 @@ def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tupl
             known.append(batch["has_mask"])
             paths.extend(batch["img_path"])
         seconds = time.perf_counter() - start
+        test_backbone = backbone_seconds() - backbone_start
         total += seconds
         score_np = torch.cat(scores).numpy()
         map_np = torch.cat(maps).float().numpy()
@@ -148,7 +182,8 @@ def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tupl
         metrics = compute_metrics(score_np, label_np, map_np, torch.cat(masks).numpy(), torch.cat(known).numpy())
         if cfg.vis_dir:
             _save_panels(Path(cfg.vis_dir) / class_name, cfg.dataset_root, paths, map_np, size)
-        out[class_name] = ClassResult(metrics, support, len(indices), seconds)
+        out[class_name] = ClassResult(metrics, support, len(indices), seconds, setup_seconds=setup_seconds,
+                                      backbone_seconds=test_backbone, data_seconds=data_seconds)  # fmt: skip
         if cfg.class_done is not None:
             cfg.class_done(class_name, out[class_name])
     return out, total

@@ -93,6 +93,32 @@ def nearest_neighbors(
     return _torch_knn(query, bank.to(query.dtype), k, metric, chunk_size)
 
 
+def greedy_coreset(features: torch.Tensor, ratio: float, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of a k-center greedy coreset (PatchCore): repeatedly add the row farthest from those chosen so far.
+
+    Distances are taken in a seeded random projection to `projection_dim` dimensions (as PatchCore's reference code
+    does) when the features are wider. The first row is chosen by the seed. Returns sorted long indices, at least 1.
+    """
+    n = features.shape[0]
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+    m = max(1, int(round(n * ratio)))
+    if m >= n:
+        return torch.arange(n, device=features.device)
+    gen = torch.Generator().manual_seed(seed)
+    x = features.detach().float()
+    if x.shape[1] > projection_dim:
+        proj = torch.randn(x.shape[1], projection_dim, generator=gen) / projection_dim**0.5
+        x = x @ proj.to(x.device)
+    chosen = [int(torch.randint(n, (1,), generator=gen))]
+    min_dist = (x - x[chosen[0]]).pow(2).sum(1)
+    for _ in range(m - 1):
+        nxt = int(min_dist.argmax())
+        chosen.append(nxt)
+        min_dist = torch.minimum(min_dist, (x - x[nxt]).pow(2).sum(1))
+    return torch.tensor(sorted(chosen), device=features.device)
+
+
 class MemoryBank(torch.nn.Module):
     """A bank of reference features kept as a buffer, so it moves with `.to()` and lives in `state_dict`."""
 
@@ -101,9 +127,13 @@ class MemoryBank(torch.nn.Module):
         self.metric, self.backend, self.chunk_size = metric, backend, chunk_size
         self.register_buffer("features", torch.empty(0, 0), persistent=True)
 
-    def fit(self, features: torch.Tensor) -> MemoryBank:
-        """Store (M, D) features (normalised once here for the cosine metric)."""
-        self.features = F.normalize(features, dim=1) if self.metric == "cosine" else features
+    def fit(self, features: torch.Tensor, coreset_ratio: float = 1.0, seed: int = 0) -> MemoryBank:
+        """Store (M, D) features (normalised once here for the cosine metric); with `coreset_ratio` < 1 only a
+        greedy coreset of that fraction of them (fewer rows to search, an approximation: see `greedy_coreset`)."""
+        features = F.normalize(features, dim=1) if self.metric == "cosine" else features
+        if coreset_ratio < 1.0:
+            features = features[greedy_coreset(features, coreset_ratio, seed=seed)]
+        self.features = features
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -59,8 +59,10 @@ def build_results(
     seconds_total: float,
     win_mode: str | None = None,
     extra: dict | None = None,
+    timing: dict | None = None,
 ) -> dict:
-    """Assemble the results.json dict; `extra` adds method-specific keys (never overrides contract keys)."""
+    """Assemble the results.json dict; `extra` adds method-specific keys (never overrides contract keys), `timing`
+    adds keys to the `timing` block (e.g. `common.evaluation.timing_breakdown`)."""
     per_class = {c: {k: _clean(m.get(k)) for k in METRIC_KEYS} for c, m in per_class.items()}
     results = {
         "method": method,
@@ -79,6 +81,8 @@ def build_results(
             "seconds_per_image": float(seconds_total) / max(int(n_images), 1),
         },
     }
+    for key, value in (timing or {}).items():
+        results["timing"].setdefault(key, value)
     for key, value in (extra or {}).items():
         results.setdefault(key, value)
     return results

@@ -109,6 +109,11 @@ class TestConfig:
     use_nam: int | None = _opt(None, "use the NAM outputs (default: as trained)", choices=(0, 1))
     use_img_idx: int = _opt(0, "image feature index memory bank for the windows", choices=(0, 1))
     fd_weight: float = _opt(0.0, "blend a in (1 - a) * ASL + a * mean_l(1 - max cos); 0 = original code")
+    coreset: float = _opt(
+        1.0,
+        "fraction of reference patches kept in the FD banks (greedy k-center, as PatchCore); 1 = all (exact, the "
+        "paper). Less is faster and approximate; not used with --use-img-idx 1",
+    )
     image_score: str = _opt(
         "paper",
         "paper = 0.5 * (score + per-class min-max of map maxima), TRANSDUCTIVE (uses "

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from common.backbones import Backbone
+from common.memory_bank import greedy_coreset
 from fdsl.model import ASL_HIDDEN, FDSLHead, extract_levels, feature_discrepancy, flatten_tokens
 from fdsl.windows import (
     WindowGeometry,
@@ -41,6 +42,7 @@ class DetectorOptions:
     score_from_map: bool = False  # image score = max of the post-processed final map (None to the evaluator)
     feature_pool: int = 1  # local average pooling before FD; must be the checkpoint's (fdsl.model.extract_levels)
     chunk_size: int = 4096  # query rows per similarity matmul
+    coreset: float = 1.0  # fraction of reference tokens kept per bank (greedy k-center); 1 = exact FD (the paper)
     encode_batch: int = 32  # window crops per backbone call
     window_batch_bytes: int = 256 * 2**20  # window tokens' features + ASL activations held at once (images per step)
 
@@ -157,7 +159,7 @@ class FDSLDetector:
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
         """Build this class's banks from the k support images (k, 3, S, S); the previous class's are dropped."""
         self.bank, self.win_bank, self.win_keys = [], [], None  # free the previous class first
-        self.bank = [flatten_tokens(f).to(self.bank_dtype) for f in self.encode(support_images)]  # M_l: (k*G*G, C)
+        self.bank = [self._reduce(flatten_tokens(f)) for f in self.encode(support_images)]  # M_l: (k*G*G, C)
         if self.uses_windows:
             images = support_images if self.window_support_fn is None else self.window_support_fn(class_name)
             self._setup_windows(images.to(support_images.device))
@@ -169,14 +171,20 @@ class FDSLDetector:
         if self.shares_window_tokens:  # each covered token of the zoomed references once (see the property)
             cover = shared_coverage(geom, images.device)
             maps = encode_shared(self.backbone, images, geom, batch, pool)
-            self.win_bank = [flatten_tokens(m[:, :, cover][:, :, :, cover]).to(self.bank_dtype) for m in maps]
+            self.win_bank = [self._reduce(flatten_tokens(m[:, :, cover][:, :, :, cover])) for m in maps]
             return
         feats, keys = encode_windows(self.backbone, images, geom, batch, pool)
         if self.opts.use_img_idx:  # keep windows separate: (k*nW, T, C), searched one window at a time
             self.win_bank = [f.flatten(2).transpose(1, 2).to(self.bank_dtype).contiguous() for f in feats]
             self.win_keys = keys.to(self.bank_dtype)
         else:  # all windows of all references pooled (original usewinmem=1)
-            self.win_bank = [flatten_tokens(f).to(self.bank_dtype) for f in feats]
+            self.win_bank = [self._reduce(flatten_tokens(f)) for f in feats]
+
+    def _reduce(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A bank of (M, C) reference tokens: all of them, or a greedy coreset with `opts.coreset` < 1."""
+        if self.opts.coreset < 1.0:
+            tokens = tokens[greedy_coreset(tokens, self.opts.coreset)]
+        return tokens.to(self.bank_dtype)
 
     def _memory_report(self) -> dict[str, int]:
         """Stored bank bytes and the bytes one query window searches (what the index bank reduces)."""

@@ -15,7 +15,7 @@ import torch
 
 from common import distributed
 from common.backbones import align_features, build_backbone, resolve_image_size
-from common.evaluation import EvalConfig, evaluate_sharded, minmax_fusion
+from common.evaluation import EvalConfig, evaluate_sharded, minmax_fusion, timing_breakdown
 from common.few_shot import sample_support
 from common.results import build_results, format_table, write_results
 from common.utils import UserError, check_output_outside, check_writable_dir, cli_entry, parse_device
@@ -40,6 +40,8 @@ def check_test_config(cfg: TestConfig) -> None:
         raise UserError(f"--k-shot must be at least 1 (got {cfg.k_shot})")
     if not 0 <= cfg.win_weight <= 1 or not 0 <= cfg.fd_weight <= 1:
         raise UserError("--win-weight and --fd-weight must be in [0, 1]")
+    if not 0 < cfg.coreset <= 1:
+        raise UserError(f"--coreset must be in (0, 1] (got {cfg.coreset})")
     if cfg.win_zoom is not None and cfg.win_zoom <= 0:
         raise UserError(f"--win-zoom must be positive (got {cfg.win_zoom})")
     if cfg.batch_size < 1 or cfg.eval_size < 1:
@@ -89,6 +91,7 @@ def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dic
         feature_pool=int(trained.get("feature_pool") or 1),
         score_from_map=cfg.image_score == "map",  # checkpoints from before the option: no pooling
         chunk_size=cfg.chunk_size,
+        coreset=cfg.coreset,
     )
     window_support_fn = None
     if cfg.legacy_second_draw and geometry is not None:  # the original's second, different draw for the windows
@@ -137,6 +140,7 @@ def run(cfg: TestConfig) -> dict:
         "image_score": cfg.image_score
         + (" (transductive per-class min-max fusion)" if cfg.image_score == "paper" else " (per image)"),
         "fd_weight": cfg.fd_weight,
+        "coreset": cfg.coreset,
         "smooth_sigma": cfg.smooth_sigma,
         "use_nam": bool(cfg.use_nam),
         "use_img_idx": bool(cfg.use_img_idx),
@@ -162,6 +166,7 @@ def run(cfg: TestConfig) -> dict:
         seconds,
         win_mode=cfg.win_mode,
         extra=extra,
+        timing=timing_breakdown(per_class),
     )
     notes = [
         f"image score: {extra['image_score']}; fd_weight {cfg.fd_weight}; use_nam {cfg.use_nam}; "

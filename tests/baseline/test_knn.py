@@ -31,7 +31,24 @@ def test_knn_finds_synthetic_defects(tree, tmp_path):
     # bright rectangles on a texture are easy: a working detector localises them well
     assert results["mean"]["pixel_auroc"] > 0.9
     assert results["mean"]["image_auroc"] > 0.8
-    assert results["timing"]["n_images"] == 16
+    timing = results["timing"]
+    assert timing["n_images"] == 16
+    # where the time went: set-up + test = total, the backbone is part of the test loop, never all of it
+    assert timing["setup_seconds"] + timing["test_seconds"] == pytest.approx(timing["seconds_total"], rel=1e-6)
+    assert 0 < timing["backbone_seconds"] < timing["test_seconds"] and 0 < timing["backbone_share"] < 1
+    assert 0 <= timing["data_seconds"] < timing["test_seconds"]
+
+
+def test_knn_coreset_keeps_a_fraction_of_the_bank_and_still_finds_defects(tree, tmp_path):
+    runs = {}
+    for ratio in ("1.0", "0.25"):
+        out = tmp_path / ratio
+        main(["--dataset-root", str(tree), "--k-shot", "2", "--seed", "0", "--save-dir", str(out),
+              "--image-size", "64", "--quiet", "--coreset", ratio, "--class-name", "a"])  # fmt: skip
+        runs[ratio] = json.loads((out / "results.json").read_text())
+    assert runs["0.25"]["coreset"] == 0.25
+    assert runs["0.25"]["bank_bytes"] == pytest.approx(runs["1.0"]["bank_bytes"] / 4, rel=0.01)
+    assert runs["0.25"]["mean"]["pixel_auroc"] > 0.9
 
 
 def test_knn_same_seed_same_numbers_and_faiss_agrees(tree, tmp_path):

@@ -108,3 +108,63 @@ def test_align_features_resizes_to_finest_grid():
     aligned = align_features(feats)
     assert [f.shape for f in aligned] == [(1, 4, 16, 16), (1, 8, 16, 16)]
     assert aligned[0] is feats[0]
+
+
+def test_fuse_conv_bn_keeps_outputs_and_leaves_the_activation():
+    from timm.layers import BatchNormAct2d
+
+    from common.backbones import fuse_conv_bn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), BatchNormAct2d(8, act_layer=torch.nn.ReLU6),
+        torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4),
+    )  # fmt: skip
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, as a trained network has
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+            m.bias.data.uniform_(-1, 1)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+        assert fuse_conv_bn(model) == 2
+        after = model(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert isinstance(model[1][-1], torch.nn.ReLU6)  # the BatchNormAct2d's activation stays
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_fused_lite0_features_equal_the_unfused_network(lite0):
+    from common.backbones import build_efficientnet_lite0_classifier
+
+    ref = build_efficientnet_lite0_classifier()  # BN not folded
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = ref.bn1(ref.conv_stem(x))
+        for stage in ref.blocks[:5]:  # level 3 = the output of stage 4 (stride 16, 112 channels)
+            y = stage(y)
+        got = lite0(x).features[-1]
+    assert torch.allclose(got, y, atol=1e-4 * y.abs().max().item())
+
+
+def test_backbone_seconds_count_forwards(tiny_vit):
+    from common.backbones import backbone_seconds
+
+    before = backbone_seconds()
+    with torch.no_grad():
+        tiny_vit(torch.randn(1, 3, 64, 64))
+    assert backbone_seconds() > before
+
+
+def test_allocator_keeps_freed_memory_unless_told_not_to():
+    import subprocess
+    import sys
+
+    code = "import common.malloc as m; import common; print(m.is_applied())"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FSAD_DEFAULT_MALLOC"}
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "FSAD_DEFAULT_MALLOC": "1"}, check=True)  # fmt: skip
+    assert on.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
+    assert off.stdout.strip() == "False"

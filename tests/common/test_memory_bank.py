@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from common.memory_bank import MemoryBank, nearest_neighbors
+from common.memory_bank import MemoryBank, greedy_coreset, nearest_neighbors
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
@@ -65,3 +65,26 @@ def test_auto_backend_matches_torch():
     assert torch.equal(i_auto, i_torch) and torch.allclose(d_auto, d_torch, atol=1e-5)
     with pytest.raises(ValueError, match="backend"):
         nearest_neighbors(query, bank, backend="annoy")
+
+
+def test_greedy_coreset_covers_the_bank_better_than_a_random_subset():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.cat([torch.randn(500, 200, generator=g), torch.full((1, 200), 50.0)])  # one far outlier
+    idx = greedy_coreset(feats, 0.1, seed=1)
+    assert idx.shape == (50,) and torch.equal(idx, idx.sort().values) and idx.unique().numel() == 50
+    assert 500 in idx.tolist()  # k-center keeps the farthest point
+    assert torch.equal(idx, greedy_coreset(feats, 0.1, seed=1))  # seeded
+    covering = torch.cdist(feats, feats[idx]).min(1).values.max()
+    random = torch.cdist(feats, feats[torch.randperm(501, generator=g)[:50]]).min(1).values.max()
+    assert covering < random
+    assert torch.equal(greedy_coreset(feats, 1.0), torch.arange(501))
+    with pytest.raises(ValueError):
+        greedy_coreset(feats, 0.0)
+
+
+def test_memory_bank_fit_with_coreset_keeps_bank_rows():
+    feats = torch.randn(400, 8)
+    bank = MemoryBank(metric="l2").fit(feats, coreset_ratio=0.25)
+    assert bank.features.shape == (100, 8)
+    exact = torch.cdist(bank.features, feats, compute_mode="donot_use_mm_for_euclid_dist")
+    assert (exact.min(1).values == 0).all()  # rows of the input, not new points

@@ -72,9 +72,15 @@ def test_parse_device():
 
 
 def test_gaussian_matches_scipy_and_scores():
-    maps = torch.rand(3, 33, 40)
-    ref = np.stack([gaussian_filter(m, 4) for m in maps.numpy()])
-    assert np.abs(gaussian_smooth(maps).numpy() - ref).max() < 1e-5
+    from common.anomaly_map import _gaussian_smooth_torch
+
+    # the CPU path (OpenCV) and the device path (conv2d) both equal scipy, also where the radius exceeds the map
+    for shape in ((3, 33, 40), (2, 9, 70)):
+        maps = torch.rand(*shape)
+        ref = np.stack([gaussian_filter(m, 4) for m in maps.numpy()])
+        assert np.abs(gaussian_smooth(maps).numpy() - ref).max() < 1e-5
+        assert np.abs(_gaussian_smooth_torch(maps, 4.0).numpy() - ref).max() < 1e-5
+    assert gaussian_smooth(torch.zeros(0, 8, 8)).shape == (0, 8, 8)
     m = torch.zeros(2, 10, 10)
     m[0, 3, 3] = 5
     assert image_score_max(m).tolist() == [5, 0]

@@ -58,6 +58,7 @@ def test_benchmark_knn_two_shots_two_seeds_and_a_failing_method(tree, tmp_path):
             assert 0 <= a[key]["mean"] <= 1 and a[key]["std"] is not None
         assert a["seconds_per_image"]["mean"] > 0
         assert a["ratio_to_backbone"]["mean"] > 0
+        assert 0 < a["backbone_share"]["mean"] < 1 and a["setup_seconds_per_class"]["mean"] > 0
         assert a["peak_rss_mb"]["mean"] > 10  # a torch process is well above 10 MB
         assert a["bank_mb"]["mean"] > 0
     knn_runs = [r for r in report["runs"] if r["method"] == "knn"]
@@ -121,12 +122,24 @@ def test_bank_megabytes_reads_both_result_formats():
     assert bench.bank_megabytes(fdsl) == 3.0
 
 
-def test_pcsnet_rows_use_test_time_and_report_training(tmp_path):
+def test_rows_use_the_test_loop_time_and_report_setup_and_backbone_share(tmp_path):
     bench = _load_module()
     mean = dict.fromkeys(bench.IMAGE_METRICS + bench.PIXEL_METRICS, 0.5)
-    results = {"backbone": "b", "image_size": 64, "mean": mean, "timing": {"n_images": 10, "seconds_per_image": 3.0},
-               "pcsnet": {"train_seconds": {"a": 20.0, "b": 40.0}, "test_seconds_per_image": 0.25}}  # fmt: skip
+    timing = {"n_images": 10, "seconds_total": 62.5, "seconds_per_image": 6.25, "setup_seconds": 60.0,
+              "test_seconds": 2.5, "test_seconds_per_image": 0.25, "backbone_share": 0.6}  # fmt: skip
+    results = {"backbone": "b", "image_size": 64, "mean": mean, "timing": timing, "per_class": {"a": {}, "b": {}}}
     (tmp_path / "results.json").write_text(json.dumps(results))
     row = bench._collect({"method": "pcsnet"}, tmp_path, 0, None, False, 1.0)
     assert row["status"] == "ok" and row["seconds_per_image"] == 0.25 and row["images_per_second"] == 4.0
-    assert row["train_seconds_per_class"] == 30.0
+    assert row["setup_seconds_per_class"] == 30.0 and row["backbone_share"] == 0.6
+
+
+def test_results_without_the_timing_breakdown_still_read(tmp_path):
+    bench = _load_module()
+    mean = dict.fromkeys(bench.IMAGE_METRICS + bench.PIXEL_METRICS, 0.5)
+    results = {"backbone": "b", "image_size": 64, "mean": mean, "timing": {"n_images": 10, "seconds_per_image": 3.0},
+               "per_class": {"a": {}}, "pcsnet": {"test_seconds_per_image": 0.25}}  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    row = bench._collect({"method": "pcsnet"}, tmp_path, 0, None, False, 1.0)
+    assert row["seconds_per_image"] == 0.25 and row["backbone_share"] is None
+    assert "setup_seconds_per_class" not in row
