@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vis-dir", metavar="DIR", help="write heat-map PNG panels of every test image here")
     p.add_argument("--no-checkpoints", action="store_true", help="do not write checkpoints/<class>.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers decoding test images (default 0)")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -74,7 +75,7 @@ def resolve_config(args: argparse.Namespace):
         "backbone": args.backbone, "pretrained": args.pretrained, "image_size": args.image_size,
         "epochs": args.epochs, "grid_size": args.grid_size, "cas_width": args.cas_width,
         "refresh_prototypes": args.refresh_prototypes, "aug_pool": args.aug_pool, "batch_size": args.batch_size,
-        "pdc_mode": args.pdc_mode, "fuse_pfa": args.fuse_pfa,
+        "pdc_mode": args.pdc_mode, "fuse_pfa": args.fuse_pfa, "num_workers": args.num_workers,
     }  # fmt: skip
     if args.no_checkpoints:
         overrides["save_checkpoints"] = False
@@ -95,6 +96,8 @@ def resolve_config(args: argparse.Namespace):
 def check_args(args: argparse.Namespace) -> None:
     if args.k_shot < 1:
         raise UserError(f"--k-shot must be at least 1, got {args.k_shot}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num-workers must be 0 or more, got {args.num_workers}")
     root = Path(args.data_root)
     if not root.is_dir():
         raise UserError(f"--data-root {root} is not a folder")
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_cfg = EvalConfig(
         dataset_root=args.data_root, k_shot=args.k_shot, seed=args.seed, image_size=cfg.image_size,
         mean=backbone.mean, std=backbone.std, class_names=todo, batch_size=cfg.test_batch_size,
+        num_workers=cfg.num_workers,
         smooth_sigma=cfg.smooth_sigma, device=device, vis_dir=args.vis_dir, class_done=record if args.resume else None,
     )  # fmt: skip
     if done and distributed.is_main():

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.anomaly_map import gaussian_smooth, image_score_max, upsample_map
+from common.anomaly_map import upsample_map
 from common.backbones import Backbone
 from common.utils import atomic_torch_save
 from pcsnet.config import PCSNetConfig, config_to_dict, load_config
@@ -210,12 +210,12 @@ class PCSNetDetector:
                             paths, history)  # fmt: skip
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) -> pred_score (B,) = max of the sigma-smoothed map, anomaly_map (B, S, S) unsmoothed.
+    def predict(self, images: torch.Tensor) -> tuple[None, torch.Tensor]:
+        """(B, 3, S, S) -> (None, anomaly_map (B, S, S) unsmoothed).
 
         The map is the CAS output plus `fuse_pfa` x the PFA distance map (default 1; the paper's 0 = CAS only, a
-        deviation measured in docs/STATUS.md). evaluate() smooths the returned map itself for the pixel metrics,
-        so the score is computed here on the same smoothed map.
+        deviation measured in docs/STATUS.md). The score None means "the maximum of the smoothed map" (sigma 4):
+        the caller (evaluate(), the predict CLI) smooths the map anyway, so it is not smoothed twice.
         """
         if self.model is None:
             raise RuntimeError("PCSNetDetector.predict called before setup")
@@ -224,8 +224,7 @@ class PCSNetDetector:
         anomaly_map = out["logits"][:, 0]
         if self.cfg.fuse_pfa:
             anomaly_map = anomaly_map + self.cfg.fuse_pfa * upsample_map(self.model.pfa_map(out["knn"]), size)
-        smoothed = gaussian_smooth(anomaly_map, self.cfg.smooth_sigma)
-        return image_score_max(smoothed), anomaly_map
+        return None, anomaly_map
 
 
 def save_checkpoint(

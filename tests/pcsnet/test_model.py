@@ -48,8 +48,10 @@ def test_distance_identity_matches_brute_force():
     feats, protos = torch.randn(2, 5, 4, 4, generator=g), torch.randn(20, 5, generator=g)
     brute = torch.cdist(feats.flatten(2).transpose(1, 2), protos[None].expand(2, -1, -1))  # (2, 16, 20)
     assert torch.allclose(squared_distances(feats, protos).clamp_min(0).sqrt(), brute, atol=1e-4)
-    knn = knn_distances(feats, protos, k=7)
+    knn = knn_distances(feats, protos, k=7)  # no autograd: the faiss path on CPU
     assert torch.allclose(knn, brute.sort(dim=-1).values[..., :7], atol=1e-4)
+    trained = knn_distances(feats.clone().requires_grad_(True), protos, k=7)  # training: matmul + topk
+    assert torch.allclose(trained.detach(), knn, atol=1e-4)
     assert distance_map(knn, 4).shape == (2, 7, 4, 4)
 
 
