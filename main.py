@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-checkpoints", action="store_true", help="do not write checkpoints/<class>.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--num-workers", type=int, help="DataLoader workers decoding test images (default 0)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="backbone forward: fp32 (default), or bf16 / fp16 autocast (fp16: CUDA only)")  # fmt: skip
     p.add_argument(
         "--resume",
         action="store_true",
@@ -76,6 +78,7 @@ def resolve_config(args: argparse.Namespace):
         "epochs": args.epochs, "grid_size": args.grid_size, "cas_width": args.cas_width,
         "refresh_prototypes": args.refresh_prototypes, "aug_pool": args.aug_pool, "batch_size": args.batch_size,
         "pdc_mode": args.pdc_mode, "fuse_pfa": args.fuse_pfa, "num_workers": args.num_workers,
+        "precision": args.precision,
     }  # fmt: skip
     if args.no_checkpoints:
         overrides["save_checkpoints"] = False
@@ -124,7 +127,7 @@ def run_key(args: argparse.Namespace, cfg) -> dict:
     """What a recorded class result depends on: data, k, seed and the resolved config (as JSON would store it)."""
     from pcsnet.config import config_to_dict
 
-    config = {k: v for k, v in config_to_dict(cfg).items() if k != "save_checkpoints"}
+    config = {k: v for k, v in config_to_dict(cfg).items() if k not in ("save_checkpoints", "num_workers")}
     key = {"data_root": str(Path(args.data_root).resolve()), "k_shot": args.k_shot, "seed": args.seed, "config": config}
     return json.loads(json.dumps(key))
 
@@ -185,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         load_finished(save_dir, classes, key) if args.resume and distributed.is_main() else {}
     )[0]
     todo = [c for c in classes if c not in done]
-    backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, layers=cfg.layers, device=device)
+    backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, layers=cfg.layers, device=device,
+                              precision=cfg.precision)  # fmt: skip
     detector = PCSNetDetector(
         backbone, cfg, args.seed, save_dir if cfg.save_checkpoints else None,
         support_paths=lambda name: sample_support(meta, name, args.k_shot, args.seed),

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding test images")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="backbone forward: fp32, or bf16 / fp16 autocast (fp16: CUDA only)")  # fmt: skip
     p.add_argument("--vis", action="store_true", help="save image | heat-map panels under SAVE_DIR/vis")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     check_output_outside(args.save_dir, args.dataset_root, "--save-dir")
     check_writable_dir(args.save_dir)
     set_seed(args.seed)
-    backbone = build_backbone(args.backbone, args.pretrained, layers, device)
+    backbone = build_backbone(args.backbone, args.pretrained, layers, device, precision=args.precision)
     size = resolve_image_size(backbone, args.image_size)
     detector = KNNDetector(backbone, args.metric, nn_backend=args.nn_backend, coreset=args.coreset)
     cfg = EvalConfig(

@@ -88,6 +88,10 @@ class TestConfig:
     backbone: str | None = _opt(None, "backbone (default: the checkpoint's; must match it)")
     pretrained: str | None = _opt(None, "CLIP tag or weights file (default: the checkpoint's)")
     image_size: int | None = _opt(None, "input size (default: the checkpoint's)")
+    precision: str = _opt(
+        "fp32", "backbone forward precision: fp32, or bf16 / fp16 autocast (fp16: CUDA only)",
+        choices=("fp32", "bf16", "fp16"),
+    )
     win_mode: str = _opt(
         "nan", "LFE: nan = off, mul = blend with windows, onlywin = windows only", choices=("nan", "mul", "onlywin")
     )

@@ -65,7 +65,8 @@ def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dic
     """Backbone (checked against the checkpoint), head and the window geometry."""
     trained = resolve_test_config(cfg, state)
     backbone = build_backbone(
-        cfg.backbone, cfg.pretrained, trained.get("layers") or None, device, bool(trained.get("quick_gelu", 0))
+        cfg.backbone, cfg.pretrained, trained.get("layers") or None, device, bool(trained.get("quick_gelu", 0)),
+        cfg.precision,
     )
     head = build_head(state, backbone, cfg.checkpoint).to(device)
     resolve_image_size(backbone, cfg.image_size)

@@ -64,6 +64,7 @@ class PCSNetConfig:
     smooth_sigma: float = 4.0  # paper: gaussian sigma 4 on the map before the image score (max)
     test_batch_size: int = 8
     num_workers: int = 0  # DataLoader workers decoding test images
+    precision: str = "fp32"  # backbone forward: fp32, or bf16 / fp16 autocast (fp16: CUDA only)
     save_checkpoints: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes carried into results.json
 

@@ -168,3 +168,25 @@ def test_allocator_keeps_freed_memory_unless_told_not_to():
                          env={**env, "FSAD_DEFAULT_MALLOC": "1"}, check=True)  # fmt: skip
     assert on.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
     assert off.stdout.strip() == "False"
+
+
+def test_bf16_autocast_returns_float32_features_close_to_fp32():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    fp32 = build_backbone(TINY_VIT)
+    bf16 = build_backbone(TINY_VIT, precision="bf16")
+    bf16.load_state_dict(fp32.state_dict())
+    with torch.no_grad():
+        a, b = fp32(x).features[-1], bf16(x).features[-1]
+    assert b.dtype == torch.float32 and bf16.precision == "bf16"
+    cos = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1))
+    assert (cos > 0.99).all() and not torch.equal(a, b)  # bf16 really ran, and stayed close
+
+
+def test_fp16_without_cuda_and_unknown_precision_are_user_errors():
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    with pytest.raises(UserError, match="CUDA"):
+        build_backbone(TINY_VIT, precision="fp16")
+    with pytest.raises(UserError, match="precision"):
+        build_backbone(TINY_VIT, precision="int4")
