@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, a CUDA index such as 0, or cuda:N (default: best available)")
     p.add_argument("--config", metavar="YAML", help="config file, e.g. configs/pcsnet/paper.yaml")
     p.add_argument("--grid-size", type=int, help="feature grid side (paper 64; default image size / 8)")
-    p.add_argument("--cas-width", type=int, help="CAS channels (paper 896; default 128)")
+    p.add_argument("--cas-width", type=int, help="CAS channels (paper 896; default 64)")
     p.add_argument("--refresh-prototypes", type=int, help="recompute the prototypes every N epochs (0 = at init only)")
     p.add_argument("--aug-pool", type=int, help="pseudo anomalies precomputed per support image (0 = fresh per step)")
     p.add_argument("--batch-size", type=int, help="clean support images per training step (default 2)")

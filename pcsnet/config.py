@@ -1,7 +1,7 @@
 """PCSNet configuration: one dataclass, YAML files in configs/pcsnet/, command-line flags on top.
 
 Precedence: dataclass defaults < YAML (`--config FILE`) < flags given on the command line. The dataclass defaults
-are the CPU setting (efficientnet_lite0, 32x32 grid at 256 px, CAS width 128, r on the distance scale, map = CAS +
+are the CPU setting (efficientnet_lite0, 32x32 grid at 256 px, CAS width 64, r on the distance scale, map = CAS +
 PFA distance map; the last two deviate from the paper, see docs/STATUS.md); `configs/pcsnet/paper.yaml` holds
 the paper's setting (wide_resnet50_2, 224 px, 64x64 grid, CAS width 896). The resolved config is saved in every
 checkpoint and in results.json.
@@ -40,7 +40,7 @@ class PCSNetConfig:
     nn_cas: int | None = None  # paper 200 at 64x64; None = 200 scaled by grid^2 / 64^2
     nn_loss: int = 3  # paper: 3-NN distances in the losses
     pdc_top: int | None = None  # paper 50 at 64x64; None = scaled like nn_cas
-    cas_width: int = 128  # paper: 896 (~120M parameters)
+    cas_width: int = 64  # paper: 896 (~120M parameters); 32/64/128/256 measured equal on the demo (docs/STATUS.md)
     cas_in_channels: int | None = None  # paper: 896 (the first 896 descriptor channels); None = all
     cas_dropout: float = 0.1
     rotation_classes: tuple[str, ...] = ROTATION_CLASSES
