@@ -25,6 +25,7 @@ from common.utils import (  # noqa: E402
     check_writable_dir,
     cli_entry,
     parse_device,
+    resolve_workers,
     set_seed,
 )
 
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vis-dir", metavar="DIR", help="write heat-map PNG panels of every test image here")
     p.add_argument("--no-checkpoints", action="store_true", help="do not write checkpoints/<class>.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--num-workers", type=int, help="DataLoader workers decoding test images (default 0)")
+    p.add_argument("--num-workers", type=int,
+                   help="DataLoader workers decoding test images (default: CPUs - 1, at most 4)")  # fmt: skip
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help="backbone forward: fp32 (default), or bf16 / fp16 autocast (fp16: CUDA only)")  # fmt: skip
     p.add_argument(
@@ -99,8 +101,7 @@ def resolve_config(args: argparse.Namespace):
 def check_args(args: argparse.Namespace) -> None:
     if args.k_shot < 1:
         raise UserError(f"--k-shot must be at least 1, got {args.k_shot}")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num-workers must be 0 or more, got {args.num_workers}")
+    resolve_workers(args.num_workers)  # a negative count fails here, before any model work
     root = Path(args.data_root)
     if not root.is_dir():
         raise UserError(f"--data-root {root} is not a folder")
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_cfg = EvalConfig(
         dataset_root=args.data_root, k_shot=args.k_shot, seed=args.seed, image_size=cfg.image_size,
         mean=backbone.mean, std=backbone.std, class_names=todo, batch_size=cfg.test_batch_size,
-        num_workers=cfg.num_workers,
+        num_workers=resolve_workers(cfg.num_workers),
         smooth_sigma=cfg.smooth_sigma, device=device, vis_dir=args.vis_dir, class_done=record if args.resume else None,
     )  # fmt: skip
     if done and distributed.is_main():

@@ -27,6 +27,7 @@ from common.utils import (
     cli_entry,
     parse_device,
     parse_int_list,
+    resolve_workers,
     set_seed,
 )
 from data.meta import load_meta
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of support patches kept in the bank, greedy k-center as PatchCore (default 1.0 = all, exact)",
     )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding test images")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers decoding test images (default: CPUs - 1, at most 4)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="backbone forward: fp32, or bf16 / fp16 autocast (fp16: CUDA only)")  # fmt: skip
@@ -113,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    if args.num_workers < 0:
-        raise UserError(f"--num-workers must be 0 or more (got {args.num_workers})")
+    workers = resolve_workers(args.num_workers)
     if not 0.0 < args.coreset <= 1.0:
         raise UserError(f"--coreset must be in (0, 1] (got {args.coreset})")
     if args.image_size is not None and args.image_size < 1:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     detector = KNNDetector(backbone, args.metric, nn_backend=args.nn_backend, coreset=args.coreset)
     cfg = EvalConfig(
         args.dataset_root, args.k_shot, args.seed, size, backbone.mean, backbone.std, classes,
-        batch_size=args.batch_size, smooth_sigma=GAUSSIAN_SIGMA, device=device, num_workers=args.num_workers,
+        batch_size=args.batch_size, smooth_sigma=GAUSSIAN_SIGMA, device=device, num_workers=workers,
         vis_dir=f"{args.save_dir}/vis" if args.vis else None,
     )  # fmt: skip
     per_class, seconds = evaluate(detector, cfg, progress=not args.quiet)

@@ -18,7 +18,7 @@ from common.backbones import align_features, build_backbone, resolve_image_size
 from common.evaluation import EvalConfig, evaluate_sharded, minmax_fusion, timing_breakdown
 from common.few_shot import sample_support
 from common.results import build_results, format_table, write_results
-from common.utils import UserError, check_output_outside, check_writable_dir, cli_entry, parse_device
+from common.utils import UserError, check_output_outside, check_writable_dir, cli_entry, parse_device, resolve_workers
 from data.dataset import load_images
 from data.meta import load_meta
 from fdsl.checkpoint import build_head, load_checkpoint, resolve_pretrained
@@ -40,6 +40,7 @@ def check_test_config(cfg: TestConfig) -> None:
         raise UserError(f"--k-shot must be at least 1 (got {cfg.k_shot})")
     if not 0 <= cfg.win_weight <= 1 or not 0 <= cfg.fd_weight <= 1:
         raise UserError("--win-weight and --fd-weight must be in [0, 1]")
+    resolve_workers(cfg.num_workers)  # a negative count fails before any model work
     if not 0 < cfg.coreset <= 1:
         raise UserError(f"--coreset must be in (0, 1] (got {cfg.coreset})")
     if cfg.win_zoom is not None and cfg.win_zoom <= 0:
@@ -128,7 +129,7 @@ def run(cfg: TestConfig) -> dict:
         batch_size=cfg.batch_size,
         eval_size=cfg.eval_size,
         smooth_sigma=cfg.smooth_sigma,
-        num_workers=cfg.num_workers,
+        num_workers=resolve_workers(cfg.num_workers),
         device=device,
         class_score_fn=minmax_fusion if cfg.image_score == "paper" else None,
         vis_dir=f"{cfg.save_dir}/images" if cfg.save_images else None,

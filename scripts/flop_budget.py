@@ -2,8 +2,9 @@
 
 A method's throughput ratio to the backbone-only pass cannot exceed backbone / (backbone + method) FLOPs unless its
 extra work runs faster per FLOP than the backbone. This prints that ceiling per k for the kNN baseline (exact
-nearest-neighbour search of every patch over the k * h * w bank) and FDSL without LFE (the FD search per level plus
-ASL/NAM). Counted with torch.utils.flop_counter on one forward (random weights: FLOPs do not depend on them).
+nearest-neighbour search of every patch over the k * h * w bank), FDSL without LFE (the FD search per level plus
+ASL/NAM) and, for CNN backbones, PCSNet's test forward (descriptor, prototype search, CAS). Counted with
+torch.utils.flop_counter on one forward (random weights: FLOPs do not depend on them).
 
     python scripts/flop_budget.py --backbone efficientnet_lite0 --shots 1,4,8
     python scripts/flop_budget.py --backbone ViT-L-14-336 --image-size 518 --shots 1,2,4   # the FDSL paper's
@@ -59,6 +60,7 @@ def budget(backbone_name: str, image_size: int | None, shots: list[int]) -> dict
     widths = [lv.shape[1] for lv in levels]
     head = FDSLHead(widths).eval()
     f_head = count_flops(lambda: head.score_maps([torch.rand_like(lv) for lv in levels], True))
+    pcsnet = _pcsnet_flops(backbone_name, size) if backbone.kind == "cnn" else None
     rows = []
     for k in shots:
         bank = k * tokens
@@ -68,7 +70,27 @@ def budget(backbone_name: str, image_size: int | None, shots: list[int]) -> dict
                      "knn_ceiling": f_backbone / (f_backbone + f_knn),
                      "fdsl_ceiling": f_backbone / (f_backbone + f_fd + f_head)})  # fmt: skip
     return {"backbone": backbone_name, "image_size": size, "tokens": tokens, "widths": widths,
-            "backbone_flops": f_backbone, "rows": rows}  # fmt: skip
+            "backbone_flops": f_backbone, "rows": rows, "pcsnet": pcsnet}  # fmt: skip
+
+
+def _pcsnet_flops(backbone_name: str, size: int) -> dict:
+    """PCSNet's test forward at the default config: its backbone levels (1-3), then descriptor, PFA search, CAS.
+    Independent of k (the prototypes are one per grid position)."""
+    import torch
+
+    from common.backbones import build_backbone
+    from pcsnet.config import load_config
+    from pcsnet.model import PCSNet
+
+    cfg = load_config(overrides={"backbone": backbone_name, "image_size": size})
+    backbone = build_backbone(backbone_name, layers=cfg.layers)
+    x = torch.randn(1, 3, size, size)
+    out = {}
+    f_backbone = count_flops(lambda: out.setdefault("levels", backbone(x).features))
+    model = PCSNet([info.channels for info in backbone.feature_info], cfg).eval()
+    f_model = count_flops(lambda: model(out["levels"], out_size=size))
+    return {"cas_width": cfg.cas_width, "backbone": f_backbone, "model": f_model,
+            "ceiling": f_backbone / (f_backbone + f_model)}  # fmt: skip
 
 
 @cli_entry
@@ -90,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in r["rows"]:
         print(f"| {row['k']} | {row['knn_search'] / g:.2f} | {row['knn_ceiling']:.2f} | "
               f"{(row['fdsl_fd'] + row['fdsl_head']) / g:.2f} | {row['fdsl_ceiling']:.2f} |")  # fmt: skip
+    if r["pcsnet"]:
+        pc = r["pcsnet"]
+        print(f"PCSNet test (CAS width {pc['cas_width']}, any k): backbone levels 1-3 {pc['backbone'] / g:.2f} GFLOP, "
+              f"descriptor + PFA search + CAS {pc['model'] / g:.2f} GFLOP, ceiling {pc['ceiling']:.2f}")  # fmt: skip
     return 0
 
 

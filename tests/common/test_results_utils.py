@@ -105,3 +105,19 @@ def test_parse_int_list_and_image_size():
     for bad in (60, 4):
         with pytest.raises(UserError, match="multiple"):
             resolve_image_size(vit, bad)
+
+
+def test_resolve_workers_default_and_errors(monkeypatch):
+    import os
+
+    from common.utils import resolve_workers
+
+    assert resolve_workers(3) == 3 and resolve_workers(0) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert resolve_workers(None) == 1  # 2 CPUs: one decoding process beside the model
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert resolve_workers(None) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert resolve_workers(None) == 0
+    with pytest.raises(UserError, match="--num-workers"):
+        resolve_workers(-1)

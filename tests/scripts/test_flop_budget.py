@@ -24,3 +24,10 @@ def test_cli_prints_the_table(capsys):
     assert fb.main(["--backbone", "vit-tiny-test", "--image-size", "64", "--shots", "1,4"]) == 0
     out = capsys.readouterr().out
     assert "| 4 |" in out and "GFLOP/image" in out
+
+
+def test_pcsnet_budget_for_a_cnn_only():
+    fb = load_script(SCRIPT, "flop_budget_script")
+    assert fb.budget("vit-tiny-test", 64, [1])["pcsnet"] is None
+    pc = fb.budget("efficientnet_lite0", 64, [1])["pcsnet"]
+    assert pc["backbone"] > 0 and pc["model"] > 0 and 0 < pc["ceiling"] < 1 and pc["cas_width"] == 64
