@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-checkpoints", action="store_true", help="do not write checkpoints/<class>.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--num-workers", type=int,
-                   help="DataLoader workers decoding test images (default: CPUs - 1, at most 4)")  # fmt: skip
+                   help="DataLoader workers decoding test images (default: 0 on CPU, up to 4 on CUDA)")  # fmt: skip
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help="backbone forward: fp32 (default), or bf16 / fp16 autocast (fp16: CUDA only)")  # fmt: skip
     p.add_argument(
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_cfg = EvalConfig(
         dataset_root=args.data_root, k_shot=args.k_shot, seed=args.seed, image_size=cfg.image_size,
         mean=backbone.mean, std=backbone.std, class_names=todo, batch_size=cfg.test_batch_size,
-        num_workers=resolve_workers(cfg.num_workers),
+        num_workers=resolve_workers(cfg.num_workers, device),
         smooth_sigma=cfg.smooth_sigma, device=device, vis_dir=args.vis_dir, class_done=record if args.resume else None,
     )  # fmt: skip
     if done and distributed.is_main():

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=None,
-                   help="DataLoader workers decoding test images (default: CPUs - 1, at most 4)")  # fmt: skip
+                   help="DataLoader workers decoding test images (default: 0 on CPU, up to 4 on CUDA)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="backbone forward: fp32, or bf16 / fp16 autocast (fp16: CUDA only)")  # fmt: skip
@@ -115,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    workers = resolve_workers(args.num_workers)
     if not 0.0 < args.coreset <= 1.0:
         raise UserError(f"--coreset must be in (0, 1] (got {args.coreset})")
     if args.image_size is not None and args.image_size < 1:
         raise UserError(f"--image-size must be positive (got {args.image_size})")
     device = parse_device(args.device)
+    workers = resolve_workers(args.num_workers, device)
     layers = parse_int_list(args.layers, "--layers")
     # every input check before the backbone loads: the dataset, the classes and their support draws, the output
     classes = None if args.class_name == "all" else args.class_name.split(",")

@@ -135,7 +135,7 @@ class TestConfig:
     save_images: int = _opt(0, "write heat-map PNG panels under SAVE_DIR/images", choices=(0, 1))
     chunk_size: int = _opt(4096, "query rows per similarity matmul")
     device: str | None = _opt(None, "cpu or a CUDA index such as 0 (default: CUDA if available)")
-    num_workers: int | None = _opt(None, "DataLoader workers decoding test images (default: CPUs - 1, at most 4)")
+    num_workers: int | None = _opt(None, "DataLoader workers decoding test images (default: 0 on CPU, up to 4 on CUDA)")
     progress: int = _opt(1, "tqdm progress bars", choices=(0, 1))
 
 

@@ -129,7 +129,7 @@ def run(cfg: TestConfig) -> dict:
         batch_size=cfg.batch_size,
         eval_size=cfg.eval_size,
         smooth_sigma=cfg.smooth_sigma,
-        num_workers=resolve_workers(cfg.num_workers),
+        num_workers=resolve_workers(cfg.num_workers, device),
         device=device,
         class_score_fn=minmax_fusion if cfg.image_score == "paper" else None,
         vis_dir=f"{cfg.save_dir}/images" if cfg.save_images else None,

@@ -63,7 +63,7 @@ class PCSNetConfig:
     fuse_pfa: float = 1.0  # paper 0 (CAS map only); weight of the support-normalised PFA distance map added to it
     smooth_sigma: float = 4.0  # paper: gaussian sigma 4 on the map before the image score (max)
     test_batch_size: int = 8
-    num_workers: int | None = None  # DataLoader workers decoding test images; None = CPUs - 1, at most 4
+    num_workers: int | None = None  # DataLoader workers decoding test images; None = 0 on CPU, CPUs - 1 (<= 4) on CUDA
     precision: str = "fp32"  # backbone forward: fp32, or bf16 / fp16 autocast (fp16: CUDA only)
     save_checkpoints: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes carried into results.json

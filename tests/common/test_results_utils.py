@@ -113,11 +113,12 @@ def test_resolve_workers_default_and_errors(monkeypatch):
     from common.utils import resolve_workers
 
     assert resolve_workers(3) == 3 and resolve_workers(0) == 0
+    assert resolve_workers(None, "cpu") == 0  # the model uses every core: no decoding process beside it
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert resolve_workers(None) == 1  # 2 CPUs: one decoding process beside the model
+    assert resolve_workers(None, torch.device("cuda", 0)) == 1  # the CPU is free while the GPU computes
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert resolve_workers(None) == 4
+    assert resolve_workers(None, "cuda") == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert resolve_workers(None) == 0
+    assert resolve_workers(None, "cuda") == 0
     with pytest.raises(UserError, match="--num-workers"):
         resolve_workers(-1)
