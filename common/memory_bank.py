@@ -13,7 +13,7 @@ METRICS = ("cosine", "l2")
 BACKENDS = ("torch", "faiss", "auto")
 
 
-def _has_faiss() -> bool:
+def has_faiss() -> bool:
     try:
         import faiss  # noqa: F401
     except ImportError:
@@ -41,7 +41,9 @@ def _torch_knn(query: torch.Tensor, bank: torch.Tensor, k: int, metric: str, chu
     return torch.cat(dists), torch.cat(idxs)
 
 
-def _faiss_knn(query: torch.Tensor, bank: torch.Tensor, k: int, metric: str):
+def faiss_search(query: torch.Tensor, bank: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact flat faiss search on the CPU: (N, k) raw values (inner products for `cosine`, SQUARED distances for
+    `l2`, as faiss returns them) and (N, k) long indices, both CPU tensors. No autograd."""
     import faiss  # imported lazily: optional at import time, required only for this backend
 
     q = query.detach().float().cpu().contiguous().numpy()
@@ -49,9 +51,14 @@ def _faiss_knn(query: torch.Tensor, bank: torch.Tensor, k: int, metric: str):
     index = faiss.IndexFlatIP(b.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(b.shape[1])
     index.add(b)
     val, idx = index.search(q, k)
-    idx_t = torch.from_numpy(idx).to(query.device)
+    return torch.from_numpy(val), torch.from_numpy(idx)
+
+
+def _faiss_knn(query: torch.Tensor, bank: torch.Tensor, k: int, metric: str):
+    val, idx = faiss_search(query, bank, k, metric)
+    idx_t = idx.to(query.device)
     if metric == "cosine":
-        return 1.0 - torch.from_numpy(val).to(query.device), idx_t
+        return 1.0 - val.to(query.device), idx_t
     return (query[:, None, :].float() - bank.float()[idx_t]).norm(dim=2), idx_t  # exact, as in the torch path
 
 
@@ -87,7 +94,7 @@ def nearest_neighbors(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":  # faiss measured ~2.5x faster than the torch matmul for L2 on 2 CPU cores
-        backend = "faiss" if query.device.type == "cpu" and _has_faiss() else "torch"
+        backend = "faiss" if query.device.type == "cpu" and has_faiss() else "torch"
     if backend == "faiss" and query.device.type == "cpu":
         return _faiss_knn(query, bank, k, metric)
     return _torch_knn(query, bank.to(query.dtype), k, metric, chunk_size)

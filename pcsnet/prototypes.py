@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from common.memory_bank import faiss_search, has_faiss
+
 DIST_EPS = 1e-12  # squared distances are clamped here before the root: no NaN, no infinite gradient (bug 9.6)
 
 
@@ -55,29 +57,18 @@ def knn_distances(features: torch.Tensor, prototypes: torch.Tensor, k: int) -> t
         (B, G*G, k) distances d_1 <= ... <= d_k.
     """
     k = min(k, prototypes.shape[0])
-    if features.device.type == "cpu" and not (features.requires_grad or prototypes.requires_grad) and _has_faiss():
+    if features.device.type == "cpu" and not (features.requires_grad or prototypes.requires_grad) and has_faiss():
         return _faiss_knn_distances(features, prototypes, k)  # inference: ~20% faster than matmul + topk here
     sq = squared_distances(features, prototypes)
     nearest = sq.topk(k, dim=-1, largest=False, sorted=True).values
     return nearest.clamp_min(DIST_EPS).sqrt()
 
 
-def _has_faiss() -> bool:
-    from common.memory_bank import _has_faiss as has
-
-    return has()
-
-
 def _faiss_knn_distances(features: torch.Tensor, prototypes: torch.Tensor, k: int) -> torch.Tensor:
     """knn_distances without autograd: faiss's exact flat L2 search keeps only k per pixel while it multiplies."""
-    import faiss
-
     b, d = features.shape[:2]
-    query = features.detach().float().flatten(2).transpose(1, 2).reshape(-1, d).contiguous().numpy()
-    index = faiss.IndexFlatL2(d)
-    index.add(prototypes.detach().float().contiguous().numpy())
-    sq, _ = index.search(query, k)
-    return torch.from_numpy(sq).clamp_min(DIST_EPS).sqrt().view(b, -1, k)
+    sq, _ = faiss_search(features.flatten(2).transpose(1, 2).reshape(-1, d), prototypes, k, "l2")
+    return sq.clamp_min(DIST_EPS).sqrt().view(b, -1, k)
 
 
 def distance_map(knn: torch.Tensor, grid: int) -> torch.Tensor:
