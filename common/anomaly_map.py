@@ -30,7 +30,8 @@ def _gaussian_kernel1d(sigma: float, device, dtype) -> torch.Tensor:
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
     """Separable gaussian blur of (B, H, W) maps with reflect padding, equal to scipy's gaussian_filter
-    (mode='reflect', truncate=4) up to float error, but batched and on the maps' device."""
+    (mode='reflect', truncate=4) up to float error: OpenCV on CPU, two 1-D convolutions on the maps' GPU (or when
+    a gradient is needed). Returns float32 maps on the input's device."""
     if sigma <= 0:
         return maps
     if maps.device.type == "cpu" and maps.shape[0] > 0 and not maps.requires_grad:
