@@ -1,6 +1,8 @@
 """Print the mean metrics of several results.json files side by side.
 
     python scripts/summarize.py runs/demo/*/results.json
+
+`test s/img` is the test loop per image; `setup s` is the total set-up (bank building, PCSNet's training).
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ def summarize(paths: list[Path]) -> str:
             label = f"{r['method']}_{Path(r['dataset_root']).name}"
         cells = ["-" if r["mean"][k] is None else f"{100 * r['mean'][k]:.1f}" for _, k in COLUMNS]
         dataset = Path(r["dataset_root"]).name
-        rows.append([label, r["method"], dataset, r["k_shot"], r["seed"], *cells,
-                     f"{r['timing']['seconds_per_image']:.3f}"])
-    headers = ["run", "method", "dataset", "k", "seed", *[c for c, _ in COLUMNS], "s/img"]
+        timing = r["timing"]
+        test_spi = timing.get("test_seconds_per_image") or timing["seconds_per_image"]  # older files: set-up included
+        setup = timing.get("setup_seconds")
+        rows.append([label, r["method"], dataset, r["k_shot"], r["seed"], *cells, f"{test_spi:.3f}",
+                     "-" if setup is None else f"{setup:.1f}"])  # fmt: skip
+    headers = ["run", "method", "dataset", "k", "seed", *[c for c, _ in COLUMNS], "test s/img", "setup s"]
     return tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True)
 
 
