@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # repo root, so `common`/`pcsnet` import from anywhere
 
 from common.utils import (  # noqa: E402
+    PRECISIONS,
     UserError,
     check_output_outside,
     check_writable_dir,
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--num-workers", type=int,
                    help="DataLoader workers decoding test images (default: 0 on CPU, up to 4 on CUDA)")  # fmt: skip
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="backbone forward: fp32 (default), or bf16 / fp16 autocast (fp16: CUDA only)")  # fmt: skip
     p.add_argument(
         "--resume",

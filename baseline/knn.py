@@ -21,6 +21,7 @@ from common.evaluation import EvalConfig, check_eval_inputs, evaluate, timing_br
 from common.memory_bank import MemoryBank
 from common.results import build_results, format_table, write_results
 from common.utils import (
+    PRECISIONS,
     UserError,
     check_output_outside,
     check_writable_dir,
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers decoding test images (default: 0 on CPU, up to 4 on CUDA)")  # fmt: skip
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="backbone forward: fp32, or bf16 / fp16 autocast (fp16: CUDA only)")  # fmt: skip
     p.add_argument("--vis", action="store_true", help="save image | heat-map panels under SAVE_DIR/vis")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.utils import UserError
+from common.utils import PRECISIONS, UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -40,7 +40,6 @@ _LITE0_LEVELS = ((0, 16, 2), (1, 24, 4), (2, 40, 8), (4, 112, 16), (6, 320, 32))
 _WRN_LEVELS = (("stem", 64, 4), ("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16), ("layer4", 2048, 32))
 _WRN_FILE = "wide_resnet50_2-95faca4d.pth"
 CNN_NAMES = ("efficientnet_lite0", "wide_resnet50_2")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)

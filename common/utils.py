@@ -64,6 +64,9 @@ def parse_device(device: str | int | None) -> torch.device:
     raise UserError(f"unknown device '{device}': use cpu, a CUDA index such as 0, or cuda:N")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")  # backbone forward: float32 or autocast (common.backbones)
+
+
 def resolve_workers(num_workers: int | None, device: torch.device | str = "cpu", flag: str = "--num-workers") -> int:
     """DataLoader workers: the number given, or by default 0 on CPU and CPUs - 1 (at most 4) on CUDA.
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from common.utils import UserError
+from common.utils import PRECISIONS, UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "fdsl"
 # FDSL code (train.py / trainAndTest.sh, fdsl.md section 5): optimiser, batch, training bank, augmentation.
@@ -90,7 +90,7 @@ class TestConfig:
     image_size: int | None = _opt(None, "input size (default: the checkpoint's)")
     precision: str = _opt(
         "fp32", "backbone forward precision: fp32, or bf16 / fp16 autocast (fp16: CUDA only)",
-        choices=("fp32", "bf16", "fp16"),
+        choices=PRECISIONS,
     )
     win_mode: str = _opt(
         "nan", "LFE: nan = off, mul = blend with windows, onlywin = windows only", choices=("nan", "mul", "onlywin")
