@@ -26,7 +26,9 @@ def resolve_pretrained(backbone: str, pretrained: str | None) -> str | None:
 
 
 # Options that may change between a run and its resumption: they do not change what is trained.
-RESUME_FREE_OPTIONS = ("resume", "epochs", "progress", "device", "num_workers", "cache_mb", "save_dir")
+RESUME_FREE_OPTIONS = (
+    "resume", "epochs", "progress", "device", "num_workers", "cache_mb", "save_dir", "precision_used", "tf32_used"
+)
 
 
 def save_checkpoint(
