@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from common.backbones import RANDOM_WEIGHTS, TINY_VIT, build_backbone
 from common.evaluation import minmax_fusion
+from fdsl import config as fdsl_config
 from fdsl import test as fdsl_test
 from fdsl import train as fdsl_train
-from fdsl import config as fdsl_config
 from fdsl.config import CONFIG_DIR, TrainConfig, build_parser, resolve_config, resolve_precision
 from fdsl.detector import DetectorOptions, FDSLDetector, pooled_indexed_discrepancy, select_windows
 from fdsl.model import FDSLHead, feature_discrepancy
@@ -156,7 +156,8 @@ def test_paper_configs_switch_our_changes_off():
     assert (ours.protocol, ours.recalibrate_bn, ours.precision, ours.tf32) == ("ours", 1, "fp32", 0)
     test_parser = build_parser(fdsl_config.TestConfig, "t", "", "test.yaml")
     args = ["--dataset-root", "x", "--checkpoint", "c", "--k-shot", "1", "--seed", "0", "--save-dir", "y"]
-    paper = resolve_config(fdsl_config.TestConfig, test_parser, ["--config", str(CONFIG_DIR / "paper_test.yaml"), *args])
+    paper_args = ["--config", str(CONFIG_DIR / "paper_test.yaml"), *args]
+    paper = resolve_config(fdsl_config.TestConfig, test_parser, paper_args)
     assert (paper.map_align_corners, paper.win_use_nam, paper.img_idx_match, paper.fd_weight) == (1, 1, "pooled", 0)
     assert (paper.image_score, paper.legacy_second_draw, paper.coreset, paper.precision) == ("paper", 0, 1.0, "auto")
     assert resolve_config(fdsl_config.TestConfig, test_parser, args).map_align_corners == 0  # ours: unchanged
