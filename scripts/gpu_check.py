@@ -109,6 +109,8 @@ def _step(stats: str, argv: list[str]) -> int:
     import torch
 
     start, code = time.perf_counter(), 0
+    if torch.cuda.is_available():  # TF32 wherever fp32 runs (FDSL's paper configs set it too; PCSNet has no switch)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     sys.argv = argv[1:] if argv[0] == "-m" else argv
     try:
         if argv[0] == "-m":
@@ -118,7 +120,10 @@ def _step(stats: str, argv: list[str]) -> int:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    Path(stats).write_text(json.dumps({"seconds": time.perf_counter() - start, "peak_gpu_bytes": peak, "code": code}))
+    tf32 = bool(torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32)
+    Path(stats).write_text(
+        json.dumps({"seconds": time.perf_counter() - start, "peak_gpu_bytes": peak, "code": code, "tf32": tf32})
+    )
     return code
 
 
@@ -136,8 +141,10 @@ def report(name: str, out: Path, stats: dict[str, dict]) -> None:
         precision, tf32 = results.get("precision"), results.get("tf32")
         train_precision = results.get("train_precision")
     else:
-        train_s = sum((results.get("train_seconds") or {}).values()) or None
-        precision, tf32, train_precision = results.get("precision", "not recorded"), "not recorded", None
+        extra = results.get("pcsnet", {})
+        train_s = sum((extra.get("train_seconds") or {}).values()) or None
+        precision = extra.get("config", {}).get("precision", "not recorded")
+        tf32, train_precision = any(s.get("tf32") for s in stats.values()), None
     peak = max((s["peak_gpu_bytes"] or 0) for s in stats.values()) if any(
         s["peak_gpu_bytes"] is not None for s in stats.values()) else None  # fmt: skip
     train_txt = "n/a" if train_s is None else f"{train_s:.1f} s"

@@ -1,5 +1,6 @@
 """scripts/gpu_check.sh on this CPU-only machine: one error line without CUDA, the stages' commands, a CPU smoke."""
 
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +42,18 @@ def test_cpu_smoke_runs_the_fdsl_stage_and_reports_it(tmp_path):
     assert len(summary) == 1 and "seconds per test image" in summary[0] and "peak GPU memory n/a (CPU)" in summary[0]
     assert "test precision fp32, TF32 False" in summary[0]
     assert (tmp_path / "o/fdsl_results/results.json").is_file()
+
+
+def test_stage_summary_line_from_results_and_step_stats(tmp_path, capsys):
+    from scripts import gpu_check
+
+    (tmp_path / "pcsnet_results").mkdir()
+    results = {"timing": {"test_seconds_per_image": 0.25, "seconds_per_image": 9.0},
+               "pcsnet": {"train_seconds": {"a": 1.5, "b": 2.5}, "config": {"precision": "fp16"}}}  # fmt: skip
+    (tmp_path / "pcsnet_results/results.json").write_text(json.dumps(results))
+    stats = {"s1": {"seconds": 9.0, "peak_gpu_bytes": 3 * 2**30, "tf32": True},
+             "s2": {"seconds": 1.0, "peak_gpu_bytes": 2**30, "tf32": True}}  # fmt: skip
+    gpu_check.report("pcsnet", tmp_path, stats)
+    line = capsys.readouterr().out.strip()
+    assert line == ("[pcsnet] seconds per test image 0.250; training 4.0 s; peak GPU memory 3.00 GiB; "
+                    "test precision fp16, TF32 True")  # fmt: skip
