@@ -34,20 +34,29 @@ def _open_clip_tokens(backbone, x):
 
 @pytest.mark.parametrize("name", ["vit_l", "vit_b"])
 @torch.no_grad()
-def test_our_tokens_equal_open_clip_forward_at_native_size_and_batch_independent(name, request):
+def test_our_tokens_equal_open_clip_forward_at_native_size(name, request):
     backbone = request.getfixturevalue(name)
     native = backbone.visual.image_size[0]  # 336 / 224: position embeddings used as they are
-    x = _images(2, native)
-    ours_batch = backbone(x).features  # batch of 2
-    reference = _open_clip_tokens(backbone, x[:1])  # open_clip on image 0 alone
-    ours_single = backbone(x[1:]).features  # ours on image 1 alone
+    x = _images(1, native)
+    ours, reference = backbone(x).features, _open_clip_tokens(backbone, x)
     grid = native // backbone.patch_size
-    assert [f.shape for f in ours_batch] == [(2, backbone.feature_info[0].channels, grid, grid)] * 4
-    for ours, ref, single in zip(ours_batch, reference, ours_single):
-        scale = ref.abs().max()
-        assert torch.allclose(ours[:1], ref, atol=1e-4 * scale, rtol=1e-4)  # our loop == open_clip's
-        assert torch.allclose(ours[1:], single, atol=1e-4 * scale, rtol=1e-4)  # batch of 2 == batch of 1
-        assert not torch.allclose(ours[0], ours[1])  # two different images (the check can fail)
+    assert [f.shape for f in ours] == [(1, backbone.feature_info[0].channels, grid, grid)] * 4
+    for mine, ref in zip(ours, reference):
+        assert torch.allclose(mine, ref, atol=1e-4 * ref.abs().max(), rtol=1e-4)  # our loop == open_clip's
+
+
+@pytest.mark.parametrize("name", ["vit_l", "vit_b"])
+@torch.no_grad()
+def test_a_batch_of_two_gives_the_per_image_results_of_batch_one(name, request):
+    """Guards against a batch-first / sequence-first mix-up in the block loop (any size shows it: 4 x 4 patches)."""
+    backbone = request.getfixturevalue(name)
+    x = _images(2, 4 * backbone.patch_size, seed=1)
+    batch = backbone(x).features
+    singles = [backbone(x[i : i + 1]).features for i in range(2)]
+    for level, both in enumerate(batch):
+        for i in range(2):
+            assert torch.allclose(both[i], singles[i][level][0], atol=1e-4 * both.abs().max(), rtol=1e-4)
+        assert not torch.allclose(both[0], both[1])  # two different images (the check can fail)
 
 
 def _reference_resize(pos: torch.Tensor, grid: int) -> torch.Tensor:
