@@ -33,6 +33,9 @@ CNN_WIN_ZOOM = 2.0
 # --win-encode default for CNNs: `shared` (one zoomed encode per image) measured as accurate as `crop` on the demo
 # data and much faster (see the README, FDSL section). ViT: `crop`, the paper.
 CNN_WIN_ENCODE = "shared"
+# Training options that change the numbers, copied from the checkpoint into results.json (`train_options`).
+TRAIN_SWITCHES = ("protocol", "recalibrate_bn", "precision_used", "tf32_used", "num_workers", "feature_pool",
+                  "signed", "aug_rate", "use_crop", "epochs", "train_k_shot", "seed")  # fmt: skip
 
 
 def check_test_config(cfg: TestConfig) -> None:
@@ -161,6 +164,7 @@ def run(cfg: TestConfig) -> dict:
         "map_align_corners": bool(cfg.map_align_corners),
         "train_recalibrate_bn": bool(state["config"].get("recalibrate_bn", 1)),
         "train_precision": state["config"].get("precision_used", "fp32"),
+        "train_options": {k: state["config"].get(k) for k in TRAIN_SWITCHES},  # None: before the option existed
         "pretrained": str(cfg.pretrained),
         "win_size": cfg.win_size,
         "win_stride": cfg.win_stride,

@@ -195,6 +195,7 @@ def test_paper_mode_end_to_end_on_vit_l(tmp_path, capsys):
     assert results["protocol"] == "paper" and results["checkpoint_epoch"] == 1 and results["win_use_nam"] is True
     assert results["map_align_corners"] is True and results["train_recalibrate_bn"] is False
     assert (results["precision"], results["tf32"], results["img_idx_match"]) == ("fp32", False, "pooled")
+    assert results["train_options"]["protocol"] == "paper" and results["train_options"]["num_workers"] == 0
     assert results["bank_bytes"]["window_bank_bytes"] == 4 * 4 * 4 * 1024 * 4  # 4 levels x 4 windows x 2x2 tokens
     assert set(results["per_class"]) == {"a"} and 0 <= results["mean"]["pixel_auroc"] <= 1
 
