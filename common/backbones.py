@@ -25,6 +25,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TINY_VIT = "vit-tiny-test"
+# `--pretrained random`: build the named architecture with random weights (tests, the GPU check without weights).
+RANDOM_WEIGHTS = "random"
 # A tiny CLIP for fast tests of the CLIP code path (random weights; 4 blocks, patch 8, 64 px native).
 TINY_VIT_CFG = {
     "embed_dim": 32,
@@ -161,7 +163,9 @@ class ClipViTBackbone(Backbone):
                 self._pos_cache[key] = pos.to(dtype)
             else:
                 grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
-                grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+                # as open_clip's resize_pos_embed, which VAND/FDSL used: bicubic with antialias (matters when
+                # shrinking, e.g. 24 x 24 -> 13 x 13 for the 182 px LFE windows)
+                grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False, antialias=True)
                 grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)
                 self._pos_cache[key] = torch.cat([pos[:1].float(), grid]).to(dtype)
         return self._pos_cache[key]
@@ -385,6 +389,11 @@ def _resolve_clip_weights(name: str, pretrained: str) -> Path:
     return found
 
 
+def warn_random_weights(name: str) -> None:
+    """The loud line printed whenever a backbone is built with `--pretrained random`."""
+    print(f"WARNING: {name} built with RANDOM weights (--pretrained random): numbers are meaningless", flush=True)
+
+
 def _default_clip_tag(name: str) -> str:
     """`openai` when open_clip has such weights for `name` (as FDSL's default), else a UserError listing the tags."""
     import open_clip
@@ -406,6 +415,10 @@ def _build_clip(name: str, pretrained: str | None, layers: Sequence[int] | None,
         raise UserError(f"unknown backbone '{name}'; use {known}")
     if pretrained is None and name != TINY_VIT:
         pretrained = _default_clip_tag(name)  # never a silently random CLIP
+    random_weights = pretrained == RANDOM_WEIGHTS
+    if random_weights:
+        warn_random_weights(name)
+        pretrained = None
     path = _resolve_clip_weights(name, pretrained) if pretrained else None  # fail fast, before building
     if name == TINY_VIT:  # fixed random weights: training, testing and every rerun see the same backbone
         with torch.random.fork_rng(devices=[]):
@@ -416,7 +429,10 @@ def _build_clip(name: str, pretrained: str | None, layers: Sequence[int] | None,
         level = root_logger.level
         root_logger.setLevel(logging.ERROR)  # open_clip warns that the model is randomly initialised
         try:
-            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+            with torch.random.fork_rng(devices=[], enabled=random_weights):  # random: the same weights every run
+                if random_weights:
+                    torch.manual_seed(0)
+                model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
         finally:
             root_logger.setLevel(level)
     if path is not None:
@@ -470,8 +486,9 @@ def build_backbone(
 
     Args:
         name: `efficientnet_lite0|1|2`, `wide_resnet50_2`, `vit-tiny-test`, or any open_clip model (`ViT-L-14-336`).
-        pretrained: CLIP tag (`openai`) or weights file; WRN weights file. Ignored by efficientnet_lite0 (its
-            weights ship with a pip package) and by the tiny test ViT (random unless a file is given).
+        pretrained: CLIP tag (`openai`), weights file, or `random` (CLIP: random weights, with a loud warning);
+            WRN weights file. Ignored by efficientnet_lite0 (its weights ship with a pip package) and by the tiny
+            test ViT (random unless a file is given).
         layers: CNN level indices (0 = stride 2 ... 4 = stride 32) or 1-based ViT block indices.
         device: where to put it.
         quick_gelu: CLIP only. VAND/FDSL run ViT-L-14-336 with nn.GELU (their quirk), so False by default.

@@ -26,7 +26,9 @@ def resolve_pretrained(backbone: str, pretrained: str | None) -> str | None:
 
 
 # Options that may change between a run and its resumption: they do not change what is trained.
-RESUME_FREE_OPTIONS = ("resume", "epochs", "progress", "device", "num_workers", "cache_mb", "save_dir")
+RESUME_FREE_OPTIONS = (
+    "resume", "epochs", "progress", "device", "num_workers", "cache_mb", "save_dir", "precision_used", "tf32_used"
+)
 
 
 def save_checkpoint(
@@ -72,8 +74,13 @@ def remove_stale_temporaries(save_dir: str | Path) -> list[Path]:
     return stale
 
 
+# Options added after checkpoints were first written: a checkpoint without them ran with these values.
+LATER_OPTION_DEFAULTS = {"precision": "fp32", "tf32": 0, "protocol": "ours"}
+
+
 def check_resume_config(path: str | Path, saved: dict, current: dict) -> None:
     """UserError (one line naming the differing options) if `saved` was trained with options other than `current`."""
+    saved = {**LATER_OPTION_DEFAULTS, **saved}
 
     def norm(key: str, value):
         return str(Path(value).resolve()) if key == "dataset_root" and value else value

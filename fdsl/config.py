@@ -25,6 +25,9 @@ MOSAIC_RATE = 0.3
 TRAIN_SEED = 111
 EVAL_SIZE = 240  # calImage_size: maps and masks are compared at 240 px
 PAPER_BACKBONE = "ViT-L-14-336"
+# `auto`: fp16 autocast on CUDA, fp32 elsewhere: the original trains and tests under torch.cuda.amp.autocast.
+FDSL_PRECISIONS = (*PRECISIONS, "auto")
+PROTOCOLS = ("ours", "paper")  # a label: configs/fdsl/paper_*.yaml set `paper` together with the paper's switches
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - argparse's name
@@ -65,8 +68,16 @@ class TrainConfig:
         "set (not in the original; needed when there are few steps)",
         choices=(0, 1),
     )
+    precision: str = _opt(
+        "fp32", "frozen backbone precision: fp32, bf16 / fp16 autocast, or auto = fp16 on CUDA, fp32 on CPU (paper)",
+        choices=FDSL_PRECISIONS,
+    )
+    tf32: int = _opt(0, "allow TF32 matmuls/convolutions where fp32 runs on CUDA (paper mode: 1)", choices=(0, 1))
+    protocol: str = _opt("ours", "label recorded in config.json (paper_*.yaml set paper)", choices=PROTOCOLS)
     cache_mb: int = _opt(2048, "RAM budget (MiB) for caching FD features of un-augmented images")
-    num_workers: int = _opt(0, "DataLoader workers for image decoding")
+    num_workers: int | None = _opt(
+        None, "DataLoader workers decoding and augmenting training images (default: 0 on CPU, up to 4 on CUDA)"
+    )
     progress: int = _opt(1, "tqdm progress bar", choices=(0, 1))
     resume: int = _opt(
         0,
@@ -89,8 +100,15 @@ class TestConfig:
     pretrained: str | None = _opt(None, "CLIP tag or weights file (default: the checkpoint's)")
     image_size: int | None = _opt(None, "input size (default: the checkpoint's)")
     precision: str = _opt(
-        "fp32", "backbone forward precision: fp32, or bf16 / fp16 autocast (fp16: CUDA only)",
-        choices=PRECISIONS,
+        "fp32", "backbone forward precision: fp32, bf16 / fp16 autocast (fp16: CUDA only), or auto = fp16 on CUDA, "
+        "fp32 on CPU (paper)",
+        choices=FDSL_PRECISIONS,
+    )
+    tf32: int = _opt(0, "allow TF32 matmuls/convolutions where fp32 runs on CUDA (paper mode: 1)", choices=(0, 1))
+    protocol: str = _opt("ours", "label recorded in results.json (paper_test.yaml sets paper)", choices=PROTOCOLS)
+    map_align_corners: int = _opt(
+        0, "upsample the test maps to --eval-size with align_corners=True, as the original (paper mode: 1)",
+        choices=(0, 1),
     )
     win_mode: str = _opt(
         "nan", "LFE: nan = off, mul = blend with windows, onlywin = windows only", choices=("nan", "mul", "onlywin")
@@ -112,6 +130,12 @@ class TestConfig:
     win_use_nam: int = _opt(1, "NAM on the stitched window map (original winuseConvRes)", choices=(0, 1))
     use_nam: int | None = _opt(None, "use the NAM outputs (default: as trained)", choices=(0, 1))
     use_img_idx: int = _opt(0, "image feature index memory bank for the windows", choices=(0, 1))
+    img_idx_match: str = _opt(
+        "pooled",
+        "with --use-img-idx 1: pooled = every query window's tokens are matched against the pooled tokens of all the "
+        "selected reference windows (the original); own = each query window only against its own selected window",
+        choices=("pooled", "own"),
+    )
     fd_weight: float = _opt(0.0, "blend a in (1 - a) * ASL + a * mean_l(1 - max cos); 0 = original code")
     coreset: float = _opt(
         1.0,
@@ -198,3 +222,18 @@ def resolve_config(cls: type, parser: argparse.ArgumentParser, argv: list[str] |
         if f.metadata.get("required") and getattr(cfg, f.name) in ("", 0, None) and f.name not in values:
             raise UserError(f"missing required option --{f.name.replace('_', '-')}")
     return cfg
+
+
+def resolve_precision(precision: str, device, tf32: int) -> tuple[str, bool]:
+    """The backbone precision to run (`auto` -> fp16 on CUDA, fp32 elsewhere) and whether TF32 is on.
+
+    TF32 (`tf32` 1) is switched on for this process's CUDA matmuls and convolutions; it only applies on CUDA.
+    """
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    used = ("fp16" if cuda else "fp32") if precision == "auto" else precision
+    if tf32 and cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return used, bool(tf32 and cuda)

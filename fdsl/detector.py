@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from common.anomaly_map import upsample_map
 from common.backbones import Backbone
 from common.memory_bank import greedy_coreset
 from fdsl.model import ASL_HIDDEN, FDSLHead, extract_levels, feature_discrepancy, flatten_tokens
@@ -37,6 +38,10 @@ class DetectorOptions:
     use_nam: bool = True  # keep the NAM outputs instead of the raw ASL maps (original useConvRes)
     win_use_nam: bool = True  # NAM on the stitched window map (original winuseConvRes)
     use_img_idx: bool = False  # image feature index memory bank for the windows (original useimgidx)
+    img_idx_match: str = "pooled"  # pooled = the original (all selected windows' tokens); own = its own window only
+    map_size: int | None = None  # upsample the final map to this side here (None: the evaluator does it)
+    map_align_corners: bool = False  # align_corners of that upsampling (the original: True)
+    autocast: bool = False  # FD / ASL / NAM under fp16 autocast on CUDA (the original's test under amp.autocast)
     fd_weight: float = 0.0  # a: map = (1 - a) * ASL + a * mean_l(1 - max cos); 0 = the original code
     signed: bool = False  # deviation f - n instead of |f - n| (original useAbs=0)
     score_from_map: bool = False  # image score = max of the post-processed final map (None to the evaluator)
@@ -66,10 +71,43 @@ def _combine(asl: list[torch.Tensor], fd: list[torch.Tensor], fd_weight: float) 
     return (1 - fd_weight) * asl_map + fd_weight * fd_map, (1 - fd_weight) * asl_score + fd_weight * fd_score
 
 
+def select_windows(query_keys: torch.Tensor, ref_keys: torch.Tensor) -> torch.Tensor:
+    """Image feature index: each query window's reference window = argmax of the key cosine similarity.
+
+    query_keys (N, D) and ref_keys (R, D) are L2-normalised pooled embeddings -> (N,) indices into the R windows.
+    """
+    return (query_keys.to(ref_keys.dtype) @ ref_keys.T).argmax(dim=1)
+
+
+def pooled_indexed_discrepancy(
+    query: torch.Tensor, bank: torch.Tensor, choice: torch.Tensor, n_windows: int, signed: bool, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FD for windows with the image feature index bank, as the original: per query image, the tokens of the
+    reference windows its n_windows query windows selected are pooled (duplicates kept), and every query-window
+    token is matched against that whole reduced pool.
+
+    Args:
+        query: (B * n_windows, C, t, t) normalised query-window features, image-major.
+        bank: (R, T, C) normalised reference-window tokens.
+        choice: (B * n_windows,) selected reference window of each query window (`select_windows`).
+
+    Returns:
+        deviation (B * n_windows, C, t, t) and max_cos (B * n_windows, t, t).
+    """
+    devs, sims = [], []
+    for start in range(0, query.shape[0], n_windows):  # one query image at a time: its own pool
+        pool = bank.index_select(0, choice[start : start + n_windows]).flatten(0, 1)  # (n_windows * T, C)
+        dev, max_cos = feature_discrepancy(query[start : start + n_windows], pool, signed, chunk_size)
+        devs.append(dev)
+        sims.append(max_cos)
+    return torch.cat(devs), torch.cat(sims)
+
+
 def indexed_discrepancy(
     query: torch.Tensor, bank: torch.Tensor, choice: torch.Tensor, signed: bool, chunk: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FD for windows with the image feature index bank: each query window searches one reference window.
+    """FD for windows with the image feature index bank, our variant (`--img-idx-match own`): each query window
+    searches only the one reference window it selected.
 
     Args:
         query: (N, C, t, t) normalised query-window features.
@@ -196,7 +234,10 @@ class FDSLDetector:
         if self.uses_windows:
             report["window_bank_bytes"] = nbytes(self.win_bank)
             report["window_key_bytes"] = nbytes([self.win_keys]) if self.win_keys is not None else 0
-            per_window = nbytes([b[0] for b in self.win_bank]) if self.opts.use_img_idx else nbytes(self.win_bank)
+            per_window = nbytes(self.win_bank)
+            if self.opts.use_img_idx:  # own: one reference window; pooled: the n_windows selected ones
+                own = nbytes([b[0] for b in self.win_bank])
+                per_window = own * (self.geometry.n_windows if self.opts.img_idx_match == "pooled" else 1)
             report["window_searched_bytes"] = per_window
         return report
 
@@ -236,11 +277,15 @@ class FDSLDetector:
             feats, keys = encode_windows(self.backbone, images, geom, self.opts.encode_batch, self.opts.feature_pool)
             choice = None
             if self.opts.use_img_idx:  # each query window -> its most similar reference window (pooled key)
-                choice = (keys.to(self.win_keys.dtype) @ self.win_keys.T).argmax(dim=1)
+                choice = select_windows(keys, self.win_keys)
             window_probs, window_cos = [], []
             for level, (feat, bank) in enumerate(zip(feats, self.win_bank)):
                 if choice is None:
                     dev, max_cos = feature_discrepancy(feat, bank, self.opts.signed, self.opts.chunk_size)
+                elif self.opts.img_idx_match == "pooled":
+                    dev, max_cos = pooled_indexed_discrepancy(
+                        feat, bank, choice, geom.n_windows, self.opts.signed, self.opts.chunk_size
+                    )
                 else:
                     dev, max_cos = indexed_discrepancy(feat, bank, choice, self.opts.signed)
                 window_probs.append(self.head.asl[level](dev)[:, 1])  # raw window ASL map (B*nW, t, t)
@@ -267,7 +312,11 @@ class FDSLDetector:
 
         With `score_from_map` the score is None: the evaluator takes the maximum of the upsampled, smoothed map.
         """
-        score, anomaly_map = self._predict(images)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.opts.autocast and images.is_cuda):
+            score, anomaly_map = self._predict(images)
+        score, anomaly_map = score.float(), anomaly_map.float()
+        if self.opts.map_size is not None:  # the original upsamples with align_corners=True (--map-align-corners)
+            anomaly_map = upsample_map(anomaly_map, self.opts.map_size, align_corners=self.opts.map_align_corners)
         return (None if self.opts.score_from_map else score), anomaly_map
 
     def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

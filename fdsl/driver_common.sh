@@ -3,7 +3,12 @@
 #   MODEL_NAME DEVICE USE_NAM WINMODE WIN_SIZE WIN_STRIDE WIN_WEIGHT SEED KSHOTS
 # Environment: MVTEC_ROOT (data/mvtec), VISA_ROOT (data/visa), BACKBONE (ViT-L-14-336), IMAGE_SIZE (backbone
 # default), EPOCHS_MVTEC (5), EPOCHS_VISA (11), PYTHON (.venv/bin/python if present, else python3),
-# PRETRAINED (CLIP tag or weights file; default openai for CLIP), EXTRA_TEST_ARGS (appended to fdsl.test),
+# PRETRAINED (CLIP tag or weights file, or `random`; default openai for CLIP), EXTRA_TRAIN_ARGS / EXTRA_TEST_ARGS
+# (appended to fdsl.train / fdsl.test), PROTOCOL (paper when BACKBONE is ViT-L-14-336, else ours: paper = the
+# configs/fdsl/paper_*.yaml files, the original's protocol; ours = configs/fdsl/{train,train_visa,test}.yaml),
+# TEST_EPOCH_VISA / TEST_EPOCH_MVTEC (the epoch tested on VisA, of the MVTec-trained run, and on MVTec, of the
+# VisA-trained run; paper: EPOCHS_MVTEC and 5 (or EPOCHS_VISA if smaller), as the original with its epoch_11 bug
+# fixed; ours: the last epoch of each run),
 # NPROC (1; above 1 every python step runs as `torchrun --standalone --nproc_per_node NPROC -m ...`, i.e.
 # `$PYTHON -m torch.distributed.run`: DDP training, test classes shared out over the processes).
 
@@ -22,7 +27,8 @@ usage: bash $FDSL_SCRIPT MODEL_NAME DEVICE USE_NAM WINMODE WIN_SIZE WIN_STRIDE W
 example: bash $FDSL_SCRIPT fdsl 0 1 mul 13 2 0.5 14 1
 environment: MVTEC_ROOT=$FDSL_DEFAULT_MVTEC VISA_ROOT=$FDSL_DEFAULT_VISA BACKBONE=ViT-L-14-336 IMAGE_SIZE=<backbone default>
              EPOCHS_MVTEC=5 EPOCHS_VISA=11 PYTHON=<.venv/bin/python or python3> PRETRAINED=<openai for CLIP>
-             NPROC=1 (processes per step, launched with torchrun when above 1)
+             NPROC=1 (processes per step, launched with torchrun when above 1) EXTRA_TRAIN_ARGS= EXTRA_TEST_ARGS=
+             PROTOCOL=<paper for ViT-L-14-336, else ours> TEST_EPOCH_VISA=<5> TEST_EPOCH_MVTEC=<5>
 USAGE
   exit 2
 }
@@ -62,6 +68,29 @@ fdsl_setup_env() {
   [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || fdsl_bad "NPROC must be a positive integer, got '$NPROC'"
   LAUNCH=("$PYTHON")  # torchrun is torch.distributed.run; run through $PYTHON so the same interpreter is used
   if [ "$NPROC" -gt 1 ]; then LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC"); fi
+  if [ -z "${PROTOCOL:-}" ]; then
+    if [ "$BACKBONE" = ViT-L-14-336 ]; then PROTOCOL=paper; else PROTOCOL=ours; fi
+  fi
+  [[ "$PROTOCOL" == paper || "$PROTOCOL" == ours ]] || fdsl_bad "PROTOCOL must be paper or ours, got '$PROTOCOL'"
+  if [ "$PROTOCOL" = paper ]; then
+    # the original tests VisA with the MVTec run's epoch_11 (never trained: its last epoch, 5, here) and MVTec
+    # with epoch_5 of the 11-epoch VisA run (kept)
+    DEFAULT_EPOCH_VISA=$EPOCHS_MVTEC DEFAULT_EPOCH_MVTEC=$(( EPOCHS_VISA < 5 ? EPOCHS_VISA : 5 ))
+    TRAIN_CONFIG_MVTEC="$REPO/configs/fdsl/paper_train.yaml" TRAIN_CONFIG_VISA="$REPO/configs/fdsl/paper_train_visa.yaml"
+    TEST_CONFIG="$REPO/configs/fdsl/paper_test.yaml"
+  else
+    DEFAULT_EPOCH_VISA=$EPOCHS_MVTEC DEFAULT_EPOCH_MVTEC=$EPOCHS_VISA
+    TRAIN_CONFIG_MVTEC="$REPO/configs/fdsl/train.yaml" TRAIN_CONFIG_VISA="$REPO/configs/fdsl/train_visa.yaml"
+    TEST_CONFIG="$REPO/configs/fdsl/test.yaml"
+  fi
+  TEST_EPOCH_VISA=${TEST_EPOCH_VISA:-$DEFAULT_EPOCH_VISA}
+  TEST_EPOCH_MVTEC=${TEST_EPOCH_MVTEC:-$DEFAULT_EPOCH_MVTEC}
+  [[ "$TEST_EPOCH_VISA" =~ ^[1-9][0-9]*$ && "$TEST_EPOCH_VISA" -le "$EPOCHS_MVTEC" ]] \
+    || fdsl_bad "TEST_EPOCH_VISA must be an epoch of the MVTec-trained run, 1..$EPOCHS_MVTEC (got '$TEST_EPOCH_VISA')"
+  [[ "$TEST_EPOCH_MVTEC" =~ ^[1-9][0-9]*$ && "$TEST_EPOCH_MVTEC" -le "$EPOCHS_VISA" ]] \
+    || fdsl_bad "TEST_EPOCH_MVTEC must be an epoch of the VisA-trained run, 1..$EPOCHS_VISA (got '$TEST_EPOCH_MVTEC')"
+  echo "== FDSL protocol: $PROTOCOL (PROTOCOL=paper|ours); VisA tested with epoch $TEST_EPOCH_VISA of the MVTec run," \
+    "MVTec with epoch $TEST_EPOCH_MVTEC of the VisA run"
   COMMON=(--backbone "$BACKBONE" --device "$DEVICE")
   [ -n "${IMAGE_SIZE:-}" ] && COMMON+=(--image-size "$IMAGE_SIZE")
   [ -n "${PRETRAINED:-}" ] && COMMON+=(--pretrained "$PRETRAINED")
@@ -71,10 +100,21 @@ fdsl_setup_env() {
   EXP_TRAINED_ON_VISA="exps/mvtec/$TAG/fewshot/$MODEL_NAME"
 }
 
-# fdsl_test DATASET_ROOT CHECKPOINT SAVE_DIR WIN_USE_NAM
+# fdsl_train DATASET_ROOT SAVE_DIR EPOCHS CONFIG FLAGS...
+fdsl_train() {
+  local root=$1 out=$2 epochs=$3 config=$4
+  shift 4
+  # shellcheck disable=SC2086  # EXTRA_TRAIN_ARGS is a word list on purpose
+  "${LAUNCH[@]}" -m fdsl.train --config "$config" --dataset-root "$root" --save-dir "$out" --epochs "$epochs" \
+    --use-nam "$USE_NAM" "$@" "${COMMON[@]}" ${EXTRA_TRAIN_ARGS:-}
+}
+
+# fdsl_test DATASET_ROOT CHECKPOINT SAVE_DIR
+# The stitched window map goes through the shared NAM whenever USE_NAM=1, in both drivers: the original's
+# winuseConvRes only toggles extra window maps that its layer selection drops.
 fdsl_test() {
   # shellcheck disable=SC2086  # EXTRA_TEST_ARGS is a word list on purpose
-  "${LAUNCH[@]}" -m fdsl.test --dataset-root "$1" --checkpoint "$2" --save-dir "$3" --k-shot "$KSHOTS" --seed "$SEED" \
-    --use-nam "$USE_NAM" --win-mode "$WINMODE" --win-size "$WIN_SIZE" --win-stride "$WIN_STRIDE" \
-    --win-weight "$WIN_WEIGHT" --win-use-nam "$4" "${COMMON[@]}" ${EXTRA_TEST_ARGS:-}
+  "${LAUNCH[@]}" -m fdsl.test --config "$TEST_CONFIG" --dataset-root "$1" --checkpoint "$2" --save-dir "$3" \
+    --k-shot "$KSHOTS" --seed "$SEED" --use-nam "$USE_NAM" --win-mode "$WINMODE" --win-size "$WIN_SIZE" \
+    --win-stride "$WIN_STRIDE" --win-weight "$WIN_WEIGHT" --win-use-nam 1 "${COMMON[@]}" ${EXTRA_TEST_ARGS:-}
 }

@@ -22,7 +22,7 @@ from common.utils import UserError, check_output_outside, check_writable_dir, cl
 from data.dataset import load_images
 from data.meta import load_meta
 from fdsl.checkpoint import build_head, load_checkpoint, resolve_pretrained
-from fdsl.config import TestConfig, build_parser, resolve_config
+from fdsl.config import TestConfig, build_parser, resolve_config, resolve_precision
 from fdsl.detector import DetectorOptions, FDSLDetector
 from fdsl.windows import WindowGeometry, check_encode_mode
 
@@ -33,6 +33,9 @@ CNN_WIN_ZOOM = 2.0
 # --win-encode default for CNNs: `shared` (one zoomed encode per image) measured as accurate as `crop` on the demo
 # data and much faster (see the README, FDSL section). ViT: `crop`, the paper.
 CNN_WIN_ENCODE = "shared"
+# Training options that change the numbers, copied from the checkpoint into results.json (`train_options`).
+TRAIN_SWITCHES = ("protocol", "recalibrate_bn", "precision_used", "tf32_used", "num_workers", "feature_pool",
+                  "signed", "aug_rate", "use_crop", "epochs", "train_k_shot", "seed")  # fmt: skip
 
 
 def check_test_config(cfg: TestConfig) -> None:
@@ -65,9 +68,11 @@ def resolve_test_config(cfg: TestConfig, state: dict) -> dict:
 def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dict) -> tuple[FDSLDetector, object]:
     """Backbone (checked against the checkpoint), head and the window geometry."""
     trained = resolve_test_config(cfg, state)
+    precision, cfg.tf32_used = resolve_precision(cfg.precision, device, cfg.tf32)
+    cfg.precision_used = precision
     backbone = build_backbone(
         cfg.backbone, cfg.pretrained, trained.get("layers") or None, device, bool(trained.get("quick_gelu", 0)),
-        cfg.precision,
+        precision,
     )
     head = build_head(state, backbone, cfg.checkpoint).to(device)
     resolve_image_size(backbone, cfg.image_size)
@@ -88,6 +93,10 @@ def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dic
         use_nam=bool(cfg.use_nam),
         win_use_nam=bool(cfg.win_use_nam),
         use_img_idx=bool(cfg.use_img_idx),
+        img_idx_match=cfg.img_idx_match,
+        map_size=(cfg.eval_size or cfg.image_size) if cfg.map_align_corners else None,
+        map_align_corners=bool(cfg.map_align_corners),
+        autocast=precision == "fp16",
         fd_weight=cfg.fd_weight,
         signed=bool(trained.get("signed", 0)),
         feature_pool=int(trained.get("feature_pool") or 1),
@@ -146,6 +155,17 @@ def run(cfg: TestConfig) -> dict:
         "smooth_sigma": cfg.smooth_sigma,
         "use_nam": bool(cfg.use_nam),
         "use_img_idx": bool(cfg.use_img_idx),
+        "img_idx_match": cfg.img_idx_match,
+        "win_use_nam": bool(cfg.win_use_nam and cfg.use_nam),  # NAM applied to the stitched window map
+        "checkpoint_epoch": int(state["epoch"]),
+        "protocol": cfg.protocol,
+        "precision": cfg.precision_used,
+        "tf32": cfg.tf32_used,
+        "map_align_corners": bool(cfg.map_align_corners),
+        "train_recalibrate_bn": bool(state["config"].get("recalibrate_bn", 1)),
+        "train_precision": state["config"].get("precision_used", "fp32"),
+        "train_options": {k: state["config"].get(k) for k in TRAIN_SWITCHES},  # None: before the option existed
+        "pretrained": str(cfg.pretrained),
         "win_size": cfg.win_size,
         "win_stride": cfg.win_stride,
         "win_weight": cfg.win_weight,

@@ -34,6 +34,7 @@ from common.utils import (
     check_writable_dir,
     cli_entry,
     parse_device,
+    resolve_workers,
     set_seed,
 )
 from data.dataset import AnomalyDataset, load_images
@@ -46,7 +47,7 @@ from fdsl.checkpoint import (
     resolve_pretrained,
     save_checkpoint,
 )
-from fdsl.config import ADAM_BETAS, TrainConfig, build_parser, resolve_config
+from fdsl.config import ADAM_BETAS, TrainConfig, build_parser, resolve_config, resolve_precision
 from fdsl.model import FDSLHead, default_feature_pool, extract_levels, fdsl_loss, feature_discrepancy, flatten_tokens
 
 
@@ -119,47 +120,52 @@ class BatchBuilder:
         self.cache = FeatureCache(cfg.cache_mb)
         self.rng = np.random.default_rng(cfg.seed)
 
-    def _augmented(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _augmented(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
         """An augmented (image, mask) for this item, or None if it stays as it is this time."""
         item = self.dataset.items[index]
-        if self.cfg.aug_rate > 0 and self.rng.random() < self.cfg.aug_rate:  # 2x2 same-class mosaic
-            picks = self.rng.choice(self.by_class[item["cls_name"]], size=4, replace=True)
+        if self.cfg.aug_rate > 0 and rng.random() < self.cfg.aug_rate:  # 2x2 same-class mosaic
+            picks = rng.choice(self.by_class[item["cls_name"]], size=4, replace=True)
             samples = [self.dataset[int(j)] for j in picks]
             return mosaic(torch.stack([s["image"] for s in samples]), torch.stack([s["gt_mask"] for s in samples]))
         if self.cfg.use_crop:
-            side = crop_size(bool(item["anomaly"]), self.dataset.image_size, self.rng)
+            side = crop_size(bool(item["anomaly"]), self.dataset.image_size, rng)
             if side is not None:
                 sample = self.dataset[index]
-                return zoom_crop(sample["image"], sample["gt_mask"], side, self.rng)
+                return zoom_crop(sample["image"], sample["gt_mask"], side, rng)
         return None
+
+    def load(self, index: int, augment: bool, rng: np.random.Generator, cached) -> tuple:
+        """Decode (and augment) one item: ("cached",) when its cached FD features serve, else (image, mask, clean).
+
+        `cached` is the set of cached indices (a snapshot of it in a DataLoader worker); `clean` = un-augmented.
+        """
+        augmented = self._augmented(index, rng) if augment else None
+        if augmented is None and index in cached:
+            return ("cached",)
+        image, mask = augmented if augmented is not None else self._plain(index)
+        return image, mask, augmented is None
 
     def build(self, indices: list[int], augment: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Deviations per level (B, C_l, G, G) and masks (B, 1, S, S) for one batch of dataset indices."""
-        slots: list = [None] * len(indices)
-        todo, todo_images, todo_masks, todo_cached = [], [], [], []
-        for pos, index in enumerate(indices):
-            augmented = self._augmented(index) if augment else None
-            if augmented is None and self.cache.get(index) is not None:
-                slots[pos] = self.cache.get(index)
-                continue
-            image, mask = augmented if augmented is not None else self._plain(index)
-            todo.append(pos)
-            todo_images.append(image)
-            todo_masks.append(mask)
-            todo_cached.append(augmented is None)
+        return self.finish(indices, [self.load(i, augment, self.rng, self.cache.items) for i in indices])
+
+    def finish(self, indices: list[int], loaded: list[tuple]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """FD features of the loaded items (the cache for the rest): per level (B, C_l, G, G), masks (B, 1, S, S)."""
+        slots: list = [self.cache.get(i) if len(got) == 1 else None for i, got in zip(indices, loaded)]
+        todo = [pos for pos, got in enumerate(loaded) if len(got) == 3]
         if todo:
             classes = [self.dataset.items[indices[p]]["cls_name"] for p in todo]
             devs = compute_deviations(
                 self.backbone,
-                torch.stack(todo_images).to(self.device),
+                torch.stack([loaded[p][0] for p in todo]).to(self.device),
                 classes,
                 self.banks,
                 bool(self.cfg.signed),
                 self.cfg.feature_pool,
             )
             for j, pos in enumerate(todo):
-                slots[pos] = ([d[j] for d in devs], todo_masks[j])
-                if todo_cached[j]:
+                slots[pos] = ([d[j] for d in devs], loaded[pos][1])
+                if loaded[pos][2]:
                     self.cache.put(indices[pos], *slots[pos])
         deviations = [torch.stack([s[0][lv].to(self.device).float() for s in slots]) for lv in range(len(slots[0][0]))]
         masks = torch.stack([s[1].to(self.device).float() for s in slots])
@@ -168,6 +174,44 @@ class BatchBuilder:
     def _plain(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = self.dataset[index]
         return sample["image"], sample["gt_mask"]
+
+
+class _WorkerItems(torch.utils.data.Dataset):
+    """DataLoader view of a BatchBuilder: item (index, seed) -> `BatchBuilder.load` in a worker process.
+
+    Each item draws its augmentation from its own generator (seeded by the main process), so the result does not
+    depend on which worker ran it. Only the image work moves: FD features and the cache stay in the main process.
+    """
+
+    def __init__(self, builder: BatchBuilder) -> None:
+        self.builder = builder
+        self.cached = frozenset(builder.cache.items)  # snapshot: items cached before the epoch starts
+
+    def __len__(self) -> int:
+        return len(self.builder.dataset.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
+        index, seed = key
+        return self.builder.load(index, True, np.random.default_rng(seed), self.cached)
+
+
+def _keep_list(batch: list) -> list:
+    return batch
+
+
+def _loaded_batches(builder: BatchBuilder, batches: list[list[int]], workers: int):
+    """Yield (indices, loaded items) per batch: in this process (workers 0, the original order of random draws)
+    or decoded by `workers` DataLoader processes (each item with a seed drawn here, in order)."""
+    if workers == 0:
+        for indices in batches:
+            yield indices, [builder.load(i, True, builder.rng, builder.cache.items) for i in indices]
+        return
+    keyed = [[(i, int(builder.rng.integers(2**62))) for i in indices] for indices in batches]
+    loader = torch.utils.data.DataLoader(
+        _WorkerItems(builder), batch_sampler=keyed, collate_fn=_keep_list, num_workers=workers
+    )
+    for indices, loaded in zip(batches, loader):
+        yield indices, loaded
 
 
 def train_epoch(
@@ -186,11 +230,13 @@ def train_epoch(
     total, steps = 0.0, 0
     batches = range(0, len(order), cfg.batch_size)
     show = cfg.progress and distributed.is_main()
-    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show, file=sys.stdout)
-    for start in bar:
-        batch = order[start : start + cfg.batch_size][rank::world]  # BatchNorm1d sees B*G*G rows: one is enough
-        deviations, masks = builder.build(batch)
-        loss = fdsl_loss(head(deviations), masks)
+    local = [order[start : start + cfg.batch_size][rank::world] for start in batches]  # BN sees B*G*G rows: enough
+    bar = tqdm(local, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show, file=sys.stdout)
+    amp = builder.device.type == "cuda" and cfg.precision in ("auto", "fp16")  # the original: head under autocast too
+    for _, loaded in zip(bar, _loaded_batches(builder, local, cfg.num_workers or 0)):
+        deviations, masks = builder.finish(*loaded)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):  # no GradScaler, as the original
+            loss = fdsl_loss(head(deviations), masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -311,7 +357,9 @@ def run(cfg: TrainConfig) -> dict:
             print(f"note: removed {stale}, a partial file left by an interrupted run")
     set_seed(cfg.seed)
     cfg.pretrained = resolve_pretrained(cfg.backbone, cfg.pretrained)
-    backbone = build_backbone(cfg.backbone, cfg.pretrained, cfg.layers, device, bool(cfg.quick_gelu))
+    precision, tf32 = resolve_precision(cfg.precision, device, cfg.tf32)
+    backbone = build_backbone(cfg.backbone, cfg.pretrained, cfg.layers, device, bool(cfg.quick_gelu), precision)
+    cfg.num_workers = resolve_workers(cfg.num_workers, device)
     cfg.image_size = cfg.image_size or backbone.default_image_size
     if cfg.image_size % backbone.patch_size:
         raise UserError(
@@ -320,7 +368,7 @@ def run(cfg: TrainConfig) -> dict:
     cfg.layers = list(getattr(backbone, "layers", cfg.layers) or [])
     if cfg.feature_pool is None:
         cfg.feature_pool = default_feature_pool(backbone.kind)
-    config = dataclasses.asdict(cfg)
+    config = {**dataclasses.asdict(cfg), "precision_used": precision, "tf32_used": tf32}
     resume = load_resume_point(cfg, config) if cfg.resume else None
     if distributed.is_main():
         atomic_write_json(f"{cfg.save_dir}/config.json", config)
@@ -351,7 +399,9 @@ def run(cfg: TrainConfig) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(head, device_ids=ids)
     log(
         f"training FDSL on {len(kept)} images of {len(dataset.class_names)} classes ({backbone.name}, "
-        f"{cfg.image_size} px, levels {cfg.layers}, device {device}, {distributed.world_size()} process(es))"
+        f"{cfg.image_size} px, levels {cfg.layers}, device {device}, {distributed.world_size()} process(es), "
+        f"precision {precision}{' + TF32' if tf32 else ''}, {cfg.num_workers} loader worker(s), "
+        f"BatchNorm recalibration {'on' if cfg.recalibrate_bn else 'off'})"
     )
     if first > cfg.epochs:
         log(f"{cfg.save_dir} already holds epoch {first - 1} of {cfg.epochs}: nothing to train")
