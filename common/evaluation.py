@@ -57,6 +57,10 @@ class EvalConfig:
     vis_dir: str | None = None  # heat-map PNG panels per test image when set
     support_draw: int = 0
     class_done: Callable[[str, ClassResult], None] | None = None  # called after each class (e.g. to record it)
+    # PCSNet paper mode: test images and masks are resized to resize_size, then centre-cropped to image_size; the
+    # support images are handed to detector.setup uncropped at resize_size (PCSNet makes its pseudo anomalies
+    # there and crops them itself, as the original). None = squash to image_size.
+    resize_size: int | None = None
 
 
 @dataclass
@@ -134,14 +138,17 @@ def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tupl
     """Run the few-shot protocol over every (selected) class. Returns per-class results and total seconds."""
     meta = load_meta(cfg.dataset_root)
     check_eval_inputs(meta, cfg.dataset_root, cfg.class_names, cfg.k_shot, cfg.seed, cfg.support_draw)
-    dataset = AnomalyDataset(cfg.dataset_root, "test", cfg.class_names, cfg.image_size, cfg.mean, cfg.std, meta=meta)
+    load_size = cfg.resize_size or cfg.image_size
+    crop = cfg.image_size if cfg.resize_size else None
+    dataset = AnomalyDataset(cfg.dataset_root, "test", cfg.class_names, load_size, cfg.mean, cfg.std, meta=meta,
+                             crop_size=crop)  # fmt: skip
     out: dict[str, ClassResult] = {}
     total = 0.0
     for class_name in dataset.class_names:
         indices = list(dataset.class_indices[class_name])
         support = sample_support(meta, class_name, cfg.k_shot, cfg.seed, draw=cfg.support_draw)
         start = time.perf_counter()
-        support_images = load_images(cfg.dataset_root, support, cfg.image_size, cfg.mean, cfg.std).to(cfg.device)
+        support_images = load_images(cfg.dataset_root, support, load_size, cfg.mean, cfg.std).to(cfg.device)
         detector.setup(class_name, support_images)
         setup_seconds = time.perf_counter() - start
         backbone_start, data_seconds = backbone_seconds(), 0.0
