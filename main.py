@@ -218,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     apply_paper_defaults(args)
     check_args(args)
     cfg = resolve_config(args)
+    if cfg.backbone == "wide_resnet50_2":
+        from common.backbones import wrn_weights_path
+
+        wrn_weights_path(cfg.pretrained)  # missing weights: one line before any folder or model work
     from common import distributed
 
     device = distributed.init(parse_device(args.device))

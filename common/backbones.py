@@ -469,6 +469,22 @@ def _build_clip(name: str, pretrained: str | None, layers: Sequence[int] | None,
     return ClipViTBackbone(name, model.visual, layers, size)
 
 
+def wrn_weights_path(pretrained: str | None) -> Path | None:
+    """The WRN-50-2 weights file to load (None for `random`), or a UserError saying where to put it.
+
+    Callable before any work (main.py checks it before creating the output folder)."""
+    if pretrained == RANDOM_WEIGHTS:
+        return None
+    path = Path(pretrained).expanduser() if pretrained else Path(torch.hub.get_dir()) / "checkpoints" / _WRN_FILE
+    if not path.is_file():
+        raise UserError(
+            f"Wide-ResNet-50-2 ImageNet weights not found at {path}; copy torchvision's {_WRN_FILE} there "
+            "(torchvision.models.wide_resnet50_2(weights='IMAGENET1K_V1') downloads it where there is internet), "
+            "pass --pretrained /path/to/file.pth, or --pretrained random for an untrained architecture"
+        )
+    return path
+
+
 def _build_wrn(pretrained: str | None, layers: Sequence[int], export: str = "relu") -> Backbone:
     import torchvision
 
@@ -481,14 +497,8 @@ def _build_wrn(pretrained: str | None, layers: Sequence[int], export: str = "rel
             torch.manual_seed(0)
             model = torchvision.models.wide_resnet50_2(weights=None)
         return WideResNetBackbone(model, layers, export)
+    path = wrn_weights_path(pretrained)
     model = torchvision.models.wide_resnet50_2(weights=None)
-    path = Path(pretrained).expanduser() if pretrained else Path(torch.hub.get_dir()) / "checkpoints" / _WRN_FILE
-    if not path.is_file():
-        raise UserError(
-            f"Wide-ResNet-50-2 ImageNet weights not found at {path}; copy torchvision's {_WRN_FILE} there "
-            "(torchvision.models.wide_resnet50_2(weights='IMAGENET1K_V1') downloads it where there is internet), "
-            "pass --pretrained /path/to/file.pth, or --pretrained random for an untrained architecture"
-        )
     state = _load_state_dict_file(path)
     try:
         model.load_state_dict(state, strict=True)
