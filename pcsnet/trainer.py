@@ -198,6 +198,7 @@ def train_class(
 @torch.no_grad()
 def _set_pfa_scale(model: PCSNet, clean_levels: Levels) -> None:
     """Scale of the PFA map on the clean support (used only by --fuse-pfa); model in eval mode."""
+    model.pfa_scale.fill_(1.0)  # pfa_map divides by the current scale: measure the raw map
     out = model(clean_levels)
     model.pfa_scale.fill_(float(model.pfa_map(out["knn"]).amax().clamp_min(1e-6)))
 
