@@ -31,6 +31,7 @@ REDUCE_ORDERS = ("pool_first", "reduce_first")
 BN_MODES = ("eval", "train")
 SELECTIONS = ("last", "best-of-evals")
 CHECKPOINT_DTYPES = ("fp32", "fp16")
+MIX_BATCHES = ("append", "replace_half")
 
 
 @dataclass
@@ -66,6 +67,8 @@ class PCSNetConfig:
     nu: float = 1e-3  # paper: hinge losses divided by nu
     loss_weights: tuple[float, float, float, float] = (1.0, 1.0, 50.0, 40.0)  # NFC, AFS, PDC, SEG
     pdc_mode: str = "softmax"  # softmax (the original's batch CE, a ranking loss) | bce
+    mix_batch: str = "append"  # L_PDC/L_SEG batch: the B clean + their B pseudo-anomalous images (any k); paper
+    # "replace_half": the B clean images with B/2 of them swapped for their pseudo-anomalous version (needs B >= 2)
     refresh_prototypes: int = 10  # paper 0 = once at init; N = recompute every N epochs (docs/STATUS.md)
     nsa_default_bounds: tuple[float, float] | None = (0.02, 0.15)  # NSA half-width bounds (lo, hi) of classes not
     # in the MVTec/MPDD tables, both axes; None = (0.03, 0.4) as the tables' large classes
@@ -120,6 +123,7 @@ class PCSNetConfig:
             (self.reduce_order in REDUCE_ORDERS, f"reduce_order must be one of {', '.join(REDUCE_ORDERS)}"),
             (self.prototype_bn in BN_MODES, f"prototype_bn must be one of {', '.join(BN_MODES)}"),
             (self.checkpoint_dtype in CHECKPOINT_DTYPES, f"checkpoint_dtype must be {' or '.join(CHECKPOINT_DTYPES)}"),
+            (self.mix_batch in MIX_BATCHES, f"mix_batch must be one of {', '.join(MIX_BATCHES)}"),
             (self.select in SELECTIONS, f"select must be one of {', '.join(SELECTIONS)}"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
             (

@@ -187,12 +187,15 @@ class PCSNet(nn.Module):
         self.prototypes.copy_(compute_prototypes(torch.cat(feats)))
         self.train(was_training)
 
-    def forward(self, levels: list[torch.Tensor], out_size: int | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, levels: list[torch.Tensor], out_size: int | None = None, cas: bool = True
+    ) -> dict[str, torch.Tensor]:
         """Run PFA and CAS.
 
         Args:
             levels: backbone features [(B, C_l, H_l, W_l)].
             out_size: side of the returned logits (the input size); None keeps the grid.
+            cas: False stops after the distances (no `logits`): the original's A(x) and A(x_aug) passes.
 
         Returns:
             dict with `features` (B, D, G, G), `knn` (B, G*G, nn_cas) ascending distances (the first nn_loss feed
@@ -200,6 +203,8 @@ class PCSNet(nn.Module):
         """
         feats = self.descriptor(levels)
         knn = knn_distances(feats, self.prototypes, max(self.nn_cas, self.nn_loss))
+        if not cas:
+            return {"features": feats, "knn": knn}
         prior = distance_map(knn[..., : self.nn_cas], self.grid)  # S: the 200-NN map of Fig. 2
         logits = self.cas(feats[:, : self.cas_in], prior)
         if out_size is not None and out_size != self.grid:

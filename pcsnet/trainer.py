@@ -101,18 +101,27 @@ def build_optimizer(model: PCSNet, cfg: PCSNetConfig) -> torch.optim.Optimizer:
 
 
 def train_step(
-    model: PCSNet, clean: Levels, aug: Levels, masks: torch.Tensor, cfg: PCSNetConfig, opt: torch.optim.Optimizer
+    model: PCSNet,
+    clean: Levels,
+    aug: Levels,
+    masks: torch.Tensor,
+    cfg: PCSNetConfig,
+    opt: torch.optim.Optimizer,
+    rng: np.random.Generator | None = None,
 ) -> dict[str, float]:
     """One update on B clean images and their B pseudo-anomalous versions.
 
     Args:
         clean, aug: backbone levels of the clean and the pseudo-anomalous images (B each).
         masks: (B, 1, S, S) pseudo-anomaly masks of `aug` at the input resolution.
+        rng: picks the swapped images of `mix_batch: replace_half` (default: a fixed generator).
 
     Returns:
         The loss terms and the total as floats.
     """
     b, size = masks.shape[0], masks.shape[-1]
+    if cfg.mix_batch == "replace_half" and b >= 2:
+        return _train_step_replace_half(model, clean, aug, masks, cfg, opt, rng or np.random.default_rng(0))
     out = model([torch.cat([c, a]) for c, a in zip(clean, aug)], out_size=size)
     knn = out["knn"][..., : model.nn_loss]  # 3-NN distances for the losses
     grid_mask = F.adaptive_avg_pool2d(masks, model.grid).flatten(1) > 0.5  # mask on the feature grid (B, N)
@@ -124,6 +133,35 @@ def train_step(
         "pdc": pdc_loss(knn, target, model.pdc_top, cfg.pdc_mode, margin=(r**2 + (r + alpha) ** 2) / 2),
         "seg": seg_loss(out["logits"], torch.cat([torch.zeros_like(masks), masks])),
     }
+    return _update(model, terms, cfg, opt)
+
+
+def _train_step_replace_half(
+    model: PCSNet, clean: Levels, aug: Levels, masks: torch.Tensor, cfg: PCSNetConfig, opt, rng: np.random.Generator
+) -> dict[str, float]:
+    """The original's step (design/pcsnet.md section 4): L_NFC from A(x), L_AFS from A(x_aug), and L_PDC plus
+    CAS / L_SEG from A(x_mix), x_mix = x with B/2 random images swapped for their pseudo-anomalous version."""
+    b, size = masks.shape[0], masks.shape[-1]
+    swap = torch.zeros(b, dtype=torch.bool, device=masks.device)
+    swap[torch.from_numpy(rng.choice(b, size=b // 2, replace=False)).to(masks.device)] = True
+    pick = swap.view(-1, 1, 1, 1)
+    mixed = [torch.where(pick, a, c) for c, a in zip(clean, aug)]
+    mix_masks = masks * pick
+    out_clean, out_aug = model(clean, cas=False), model(aug, cas=False)
+    out = model(mixed, out_size=size)
+    grid_mask = F.adaptive_avg_pool2d(masks, model.grid).flatten(1) > 0.5
+    r, alpha, k = model.r, cfg.alpha, model.nn_loss
+    terms = {
+        "nfc": nfc_loss(out_clean["knn"][..., :k], r, cfg.nu),
+        "afs": afs_loss(out_aug["knn"][..., :k], grid_mask, r, alpha, cfg.nu),
+        "pdc": pdc_loss(out["knn"][..., :k], mix_masks.flatten(1).amax(1), model.pdc_top, cfg.pdc_mode,
+                        margin=(r**2 + (r + alpha) ** 2) / 2),  # fmt: skip
+        "seg": seg_loss(out["logits"], mix_masks),
+    }
+    return _update(model, terms, cfg, opt)
+
+
+def _update(model: PCSNet, terms: dict[str, torch.Tensor], cfg: PCSNetConfig, opt) -> dict[str, float]:
     loss = total_loss(terms, cfg.loss_weights)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -183,7 +221,7 @@ def train_class(
         if cfg.refresh_prototypes and epoch > 0 and epoch % cfg.refresh_prototypes == 0:
             model.set_prototypes(clean_levels, chunk=proto_chunk)
         order = torch.from_numpy(rng.permutation(len(support)))
-        steps = [train_step(model, [lv[idx] for lv in clean_levels], *source.sample(idx), cfg, opt)
+        steps = [train_step(model, [lv[idx] for lv in clean_levels], *source.sample(idx), cfg, opt, rng=rng)
                  for idx in order.split(cfg.batch_size)]  # fmt: skip
         history.append({key: float(np.mean([s[key] for s in steps])) for key in steps[0]})
         if on_eval is not None and epoch % cfg.eval_every == 0:

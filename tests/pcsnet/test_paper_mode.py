@@ -156,3 +156,42 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     torch.save({"format": "pcsnet-checkpoint/99", "config": {}, "state_dict": {}}, path)
     with pytest.raises(UserError, match="format"):
         load_checkpoint(path)
+
+
+# ---------------------------------------------------------------- the original's mixed batch (paper.yaml)
+def _spy(model: PCSNet) -> list[tuple[list[torch.Tensor], bool]]:
+    calls, forward = [], model.forward
+
+    def spy(levels, out_size=None, cas=True):
+        calls.append(([lv.detach().clone() for lv in levels], cas))
+        return forward(levels, out_size=out_size, cas=cas)
+
+    model.forward = spy
+    return calls
+
+
+@pytest.mark.parametrize("b", [2, 4, 1])
+def test_replace_half_swaps_half_of_the_clean_batch(b):
+    from pcsnet.trainer import build_optimizer, train_step
+
+    torch.manual_seed(0)
+    config = PCSNetConfig(grid_size=8, cas_width=4, mix_batch="replace_half")
+    model = PCSNet([4, 6], config)
+    g = torch.Generator().manual_seed(1)
+    clean = [torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 6, 4, 4, generator=g)]
+    aug = [torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 6, 4, 4, generator=g)]
+    masks = torch.zeros(b, 1, 32, 32)
+    masks[:, :, 8:16, 8:16] = 1.0
+    calls = _spy(model)
+    terms = train_step(model, clean, aug, masks, config, build_optimizer(model, config), rng=np.random.default_rng(0))
+    assert all(np.isfinite(v) for v in terms.values())
+    if b == 1:  # one image cannot be half swapped: the clean + pseudo-anomalous batch, one forward
+        assert len(calls) == 1 and calls[0][0][0].shape[0] == 2
+        return
+    assert [cas for _, cas in calls] == [False, False, True]  # A(x), A(x_aug) without CAS, then A(x_mix) with it
+    assert torch.equal(calls[0][0][0], clean[0]) and torch.equal(calls[1][0][0], aug[0])
+    mixed = calls[2][0]
+    swapped = [i for i in range(b) if torch.equal(mixed[0][i], aug[0][i])]
+    kept = [i for i in range(b) if torch.equal(mixed[0][i], clean[0][i])]
+    assert len(swapped) == b // 2 and sorted(swapped + kept) == list(range(b))
+    assert all(torch.equal(mixed[1][i], aug[1][i]) for i in swapped)  # every level swapped together

@@ -2,7 +2,8 @@
 
 Scaled down only where paper.yaml allows a flag: a 64 px crop of the 73 px resize (the 256 -> 224 rule), a 16 x 16
 grid (paper 64 at 224 px), one epoch, a class of 2 support and 2 test images. CAS width 896, the 896-channel slice,
-the 200-NN prior, leaky_relu WRN features, reducer -> pool and train-mode prototype BN are paper.yaml's. Measured
+the 200-NN prior, leaky_relu WRN features, reducer -> pool, train-mode prototype BN and the half-swapped mixed
+batch are paper.yaml's. Measured
 ~36 s wall (12 s CPU) on the shared 2-core machine, ~3.4 GB peak memory.
 """
 
@@ -50,7 +51,8 @@ def test_paper_yaml_wrn50_random_one_epoch(tmp_path, capsys):
     assert results["backbone"] == "wide_resnet50_2" and results["image_size"] == 64 and results["k_shot"] == 2
     assert cfg["wrn_export"] == "leaky_relu" and cfg["resize_size"] == "auto" and cfg["reduce_order"] == "reduce_first"
     assert cfg["prototype_bn"] == "train" and cfg["cas_width"] == 896 and cfg["cas_in_channels"] == 896
-    assert cfg["nn_cas"] == 200 and cfg["aug_pool"] == 0 and cfg["fuse_pfa"] == 0.0 and cfg["epochs"] == 1
+    assert cfg["mix_batch"] == "replace_half" and cfg["nn_cas"] == 200 and cfg["aug_pool"] == 0
+    assert cfg["fuse_pfa"] == 0.0 and cfg["epochs"] == 1
     metrics = results["per_class"]["a"]
     assert set(metrics) == set(METRIC_KEYS)
     assert all(v is not None and 0.0 <= v <= 1.0 for v in metrics.values())
