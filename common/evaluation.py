@@ -188,7 +188,7 @@ def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tupl
             score_np = cfg.class_score_fn(score_np, map_np)
         metrics = compute_metrics(score_np, label_np, map_np, torch.cat(masks).numpy(), torch.cat(known).numpy())
         if cfg.vis_dir:
-            _save_panels(Path(cfg.vis_dir) / class_name, cfg.dataset_root, paths, map_np, size)
+            _save_panels(Path(cfg.vis_dir) / class_name, cfg.dataset_root, paths, map_np, size, cfg.resize_size)
         out[class_name] = ClassResult(metrics, support, len(indices), seconds, setup_seconds=setup_seconds,
                                       backbone_seconds=test_backbone, data_seconds=data_seconds)  # fmt: skip
         if cfg.class_done is not None:
@@ -226,7 +226,10 @@ def evaluate_sharded(
     return {name: merged[name] for name in names}, sum(p[2] for p in parts), [p[3] for p in parts]
 
 
-def _save_panels(folder: Path, root: str, paths: list[str], maps: np.ndarray, size: int) -> None:
+def _save_panels(
+    folder: Path, root: str, paths: list[str], maps: np.ndarray, size: int, resize: int | None = None
+) -> None:
+    """Heat-map panels; with `resize` the image is resized to it and centre-cropped to `size`, as the maps were."""
     import cv2
 
     from common.visualization import save_panel
@@ -235,7 +238,11 @@ def _save_panels(folder: Path, root: str, paths: list[str], maps: np.ndarray, si
     vmax = float(np.quantile(maps, 0.999)) if maps.size else 1.0
     vmin = float(maps.min()) if maps.size else 0.0
     for rel, anomaly_map in zip(paths, maps):
-        image = cv2.resize(read_image(Path(root) / rel), (size, size), interpolation=cv2.INTER_AREA)
+        side = resize or size
+        image = cv2.resize(read_image(Path(root) / rel), (side, side), interpolation=cv2.INTER_AREA)
+        if resize:
+            top = int(round((side - size) / 2.0))
+            image = np.ascontiguousarray(image[top : top + size, top : top + size])
         name = rel.replace("/", "_").rsplit(".", 1)[0] + ".png"
         save_panel(folder / name, image, anomaly_map, vmin=vmin, vmax=vmax)
 
