@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         mean=backbone.mean, std=backbone.std, class_names=todo, batch_size=cfg.test_batch_size,
         num_workers=resolve_workers(cfg.num_workers, device),
         smooth_sigma=cfg.smooth_sigma, device=device, vis_dir=args.vis_dir, class_done=record if args.resume else None,
-        resize_size=cfg.resolved_resize(),
+        resize_size=cfg.resolved_resize(), resample=cfg.resample,
     )  # fmt: skip
     selector = None
     if cfg.select == "best-of-evals":

@@ -61,6 +61,7 @@ class EvalConfig:
     # support images are handed to detector.setup uncropped at resize_size (PCSNet makes its pseudo anomalies
     # there and crops them itself, as the original). None = squash to image_size.
     resize_size: int | None = None
+    resample: str = "bicubic"  # image resize filter (PCSNet paper mode: lanczos, PIL's ANTIALIAS)
 
 
 @dataclass
@@ -141,14 +142,15 @@ def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tupl
     load_size = cfg.resize_size or cfg.image_size
     crop = cfg.image_size if cfg.resize_size else None
     dataset = AnomalyDataset(cfg.dataset_root, "test", cfg.class_names, load_size, cfg.mean, cfg.std, meta=meta,
-                             crop_size=crop)  # fmt: skip
+                             crop_size=crop, resample=cfg.resample)  # fmt: skip
     out: dict[str, ClassResult] = {}
     total = 0.0
     for class_name in dataset.class_names:
         indices = list(dataset.class_indices[class_name])
         support = sample_support(meta, class_name, cfg.k_shot, cfg.seed, draw=cfg.support_draw)
         start = time.perf_counter()
-        support_images = load_images(cfg.dataset_root, support, load_size, cfg.mean, cfg.std).to(cfg.device)
+        support_images = load_images(cfg.dataset_root, support, load_size, cfg.mean, cfg.std,
+                                     resample=cfg.resample).to(cfg.device)  # fmt: skip
         detector.setup(class_name, support_images)
         setup_seconds = time.perf_counter() - start
         backbone_start, data_seconds = backbone_seconds(), 0.0

@@ -28,6 +28,8 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # A mask may hold 0 plus one defect value (0/255, 0/1) or a few instance labels; more levels mean a grey image.
 MAX_MASK_LEVELS = 32
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# Image resize filters: bicubic (VAND/FDSL, our default) or lanczos (PIL's ANTIALIAS, the PCSNet/CFA original).
+RESAMPLE = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
 
 def _open(path: str | os.PathLike, what: str) -> Image.Image:
@@ -133,16 +135,19 @@ def preprocess_image(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     crop: int | None = None,
+    resample: str = "bicubic",
 ) -> torch.Tensor:
     """Squash-resize an RGB uint8 `(H, W, 3)` image to `(3, S, S)` float, normalised with mean/std.
 
-    Bicubic PIL resize to (S, S), then ToTensor (/255) and per-channel (x - mean) / std; with `crop` the central
-    crop x crop window of that (the output is then `(3, crop, crop)`).
+    PIL resize to (S, S) (`resample`: bicubic, or lanczos as PCSNet's original), then ToTensor (/255) and
+    per-channel (x - mean) / std; with `crop` the central crop x crop window of that (output `(3, crop, crop)`).
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     size = _check_size(image_size)
-    resized = Image.fromarray(image).resize((size, size), Image.BICUBIC)
+    if resample not in RESAMPLE:
+        raise UserError(f"unknown resize filter {resample!r}; use one of {', '.join(RESAMPLE)}")
+    resized = Image.fromarray(image).resize((size, size), RESAMPLE[resample])
     tensor = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -165,12 +170,14 @@ def load_images(
     image_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    resample: str = "bicubic",
 ) -> torch.Tensor:
     """Read and preprocess images given relative to `root` (e.g. few-shot support) into `(k, 3, S, S)`."""
     size = _check_size(image_size)
     if not img_paths:
         return torch.zeros(0, 3, size, size)
-    return torch.stack([preprocess_image(read_image(Path(root) / rel), size, mean, std) for rel in img_paths])
+    return torch.stack([preprocess_image(read_image(Path(root) / rel), size, mean, std, resample=resample)
+                        for rel in img_paths])  # fmt: skip
 
 
 class AnomalyDataset(Dataset):
@@ -192,10 +199,12 @@ class AnomalyDataset(Dataset):
         std: Sequence[float] = IMAGENET_STD,
         meta: dict | None = None,
         crop_size: int | None = None,
+        resample: str = "bicubic",
     ) -> None:
         """Select the items of `split` (and of `class_names`, default all) from `meta` or ROOT/meta.json.
 
         `crop_size`: resize to `image_size`, then centre-crop images and masks to `crop_size` (PCSNet paper mode).
+        `resample`: the image resize filter (bicubic; lanczos for PCSNet paper mode).
 
         Raises:
             UserError: missing/corrupt meta.json, unknown split, or class names not in the split.
@@ -221,6 +230,7 @@ class AnomalyDataset(Dataset):
         self.class_names = wanted
         self.image_size = _check_size(image_size)
         self.crop_size = None if crop_size is None else _check_size(crop_size)
+        self.resample = resample
         self.mean, self.std = tuple(mean), tuple(std)
         self.items: list[dict] = []
         self.class_indices: dict[str, range] = {}
@@ -252,7 +262,7 @@ class AnomalyDataset(Dataset):
             side = self.crop_size or size
             gt_mask = torch.zeros(1, side, side)
         return {
-            "image": preprocess_image(image, size, self.mean, self.std, self.crop_size),
+            "image": preprocess_image(image, size, self.mean, self.std, self.crop_size, self.resample),
             "gt_mask": gt_mask,
             "gt_label": label,
             "has_mask": has_mask,

@@ -44,6 +44,7 @@ class PCSNetConfig:
     image_size: int = 256  # paper: 224 (the crop)
     resize_size: int | str | None = None  # paper "auto": resize to image_size * 256 / 224, centre-crop image_size;
     # None squashes the full frame to image_size (the CPU default)
+    resample: str = "bicubic"  # image resize filter; paper "lanczos" (PIL ANTIALIAS, as the original)
     grid_size: int | None = None  # paper: 64; None = image_size // grid_stride
     grid_stride: int = 8  # used when grid_size is None: 256 px -> 32x32 (CPU cost, see the README)
     nn_cas: int | None = None  # paper 200 at 64x64; None = 200 scaled by grid^2 / 64^2
@@ -123,6 +124,7 @@ class PCSNetConfig:
             (self.reduce_order in REDUCE_ORDERS, f"reduce_order must be one of {', '.join(REDUCE_ORDERS)}"),
             (self.prototype_bn in BN_MODES, f"prototype_bn must be one of {', '.join(BN_MODES)}"),
             (self.checkpoint_dtype in CHECKPOINT_DTYPES, f"checkpoint_dtype must be {' or '.join(CHECKPOINT_DTYPES)}"),
+            (self.resample in ("bicubic", "lanczos"), f"resample must be bicubic or lanczos, got {self.resample!r}"),
             (self.mix_batch in MIX_BATCHES, f"mix_batch must be one of {', '.join(MIX_BATCHES)}"),
             (self.select in SELECTIONS, f"select must be one of {', '.join(SELECTIONS)}"),
             (self.eval_every >= 1, "eval_every must be >= 1"),

@@ -195,3 +195,28 @@ def test_replace_half_swaps_half_of_the_clean_batch(b):
     kept = [i for i in range(b) if torch.equal(mixed[0][i], clean[0][i])]
     assert len(swapped) == b // 2 and sorted(swapped + kept) == list(range(b))
     assert all(torch.equal(mixed[1][i], aug[1][i]) for i in swapped)  # every level swapped together
+
+
+# ---------------------------------------------------------------------- resize filter (PIL ANTIALIAS)
+def test_lanczos_resize_as_pil_antialias(tmp_path):
+    from PIL import Image
+
+    from data.dataset import AnomalyDataset, read_image
+    from data.meta import scan_mvtec_layout, write_meta
+    from tests.fixtures import make_mvtec_tree
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(80, 80, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(image).resize((73, 73), Image.LANCZOS), dtype=np.float32) / 255.0
+    expected = torch.from_numpy((expected - 0.5) / 0.5).permute(2, 0, 1)
+    got = preprocess_image(image, 73, MEAN, STD, crop=64, resample="lanczos")
+    torch.testing.assert_close(got, center_crop(expected, 64))
+    assert (got - preprocess_image(image, 73, MEAN, STD, crop=64)).abs().max() > 1e-3  # bicubic differs
+    with pytest.raises(UserError, match="resize filter"):
+        preprocess_image(image, 73, MEAN, STD, resample="nearest-ish")
+    root = make_mvtec_tree(tmp_path / "t", classes=("a",), n_train=1, size=80)
+    write_meta(root, scan_mvtec_layout(root, verbose=False))
+    ds = AnomalyDataset(root, "test", image_size=73, mean=MEAN, std=STD, crop_size=64, resample="lanczos")
+    item = ds[0]
+    direct = preprocess_image(read_image(root / item["img_path"]), 73, MEAN, STD, crop=64, resample="lanczos")
+    assert torch.equal(item["image"], direct) and item["gt_mask"].shape == (1, 64, 64)

@@ -52,7 +52,7 @@ def test_paper_yaml_wrn50_random_one_epoch(tmp_path, capsys):
     assert cfg["wrn_export"] == "leaky_relu" and cfg["resize_size"] == "auto" and cfg["reduce_order"] == "reduce_first"
     assert cfg["prototype_bn"] == "train" and cfg["cas_width"] == 896 and cfg["cas_in_channels"] == 896
     assert cfg["mix_batch"] == "replace_half" and cfg["nn_cas"] == 200 and cfg["aug_pool"] == 0
-    assert cfg["fuse_pfa"] == 0.0 and cfg["epochs"] == 1
+    assert cfg["fuse_pfa"] == 0.0 and cfg["epochs"] == 1 and cfg["resample"] == "lanczos"
     metrics = results["per_class"]["a"]
     assert set(metrics) == set(METRIC_KEYS)
     assert all(v is not None and 0.0 <= v <= 1.0 for v in metrics.values())
