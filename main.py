@@ -3,8 +3,11 @@
 Usage (design/CONTRACT.md):
     python main.py --data-root DIR --k-shot K --seed S --save-dir OUT [--class-name all|NAME]
                    [--backbone NAME] [--image-size N] [--epochs N] [--device D]
+    python main.py            # the paper protocol (as the original's usage): configs/pcsnet/paper.yaml, k = 2,
+                              # data from --data-root, else $MVTEC_ROOT, else ./data/mvtec; OUT = runs/pcsnet_paper
 Writes OUT/results.json, OUT/log.txt and OUT/checkpoints/<class>.pt. Settings: dataclass defaults (the CPU
-setting) < `--config FILE` (e.g. configs/pcsnet/paper.yaml) < flags.
+setting) < `--config FILE` (e.g. configs/pcsnet/paper.yaml) < flags. `--paper` is the no-argument run with flags
+on top (e.g. `python main.py --paper --k-shot 8 --select best-of-evals`).
 Under torchrun (`torchrun --standalone --nproc_per_node N main.py ...`) class i runs on rank i % N and rank 0
 writes the merged results. `--resume` records each finished class in OUT/classes/<class>.json and skips them.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,17 +34,30 @@ from common.utils import (  # noqa: E402
     set_seed,
 )
 
+REPO = Path(__file__).resolve().parent
+PAPER_CONFIG = REPO / "configs" / "pcsnet" / "paper.yaml"
+PAPER_K_SHOT = 2  # design/pcsnet.md section 4: the original hard-codes k = 2
+PAPER_SAVE_DIR = "runs/pcsnet_paper"
+PAPER_DATA_ROOT = "./data/mvtec"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The CONTRACT flags plus PCSNet's own (None = take the config's value)."""
     p = argparse.ArgumentParser(description="PCSNet (TNNLS 2024) few-shot anomaly detection: train per class, test.")
-    p.add_argument("--data-root", required=True, metavar="DIR", help="dataset folder with meta.json")
-    p.add_argument("--k-shot", type=int, required=True, help="support images per class (>= 1)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="dataset folder with meta.json (required, except in paper mode)")  # fmt: skip
+    p.add_argument("--k-shot", type=int, help="support images per class (>= 1; required, except in paper mode: 2)")
     p.add_argument("--seed", type=int, default=0, help="support draw, pseudo anomalies and init (default 0)")
-    p.add_argument("--save-dir", required=True, metavar="OUT", help="results.json, log.txt, checkpoints/")
+    p.add_argument("--save-dir", metavar="OUT",
+                   help=f"results.json, log.txt, checkpoints/ (required, except in paper mode: {PAPER_SAVE_DIR})")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper protocol, as `python main.py` with no arguments: --config configs/pcsnet/paper.yaml"
+                   f", k {PAPER_K_SHOT}, data root $MVTEC_ROOT or {PAPER_DATA_ROOT}, save dir {PAPER_SAVE_DIR}")
     p.add_argument("--class-name", default="all", help="'all' (default) or one class name")
     p.add_argument("--backbone", help="efficientnet_lite0 (default, offline) | wide_resnet50_2 (paper)")
-    p.add_argument("--pretrained", help="weights file for wide_resnet50_2 (else the local torch cache)")
+    p.add_argument("--pretrained",
+                   help="weights file for wide_resnet50_2 (else the local torch cache); 'random' = the architecture "
+                   "with random weights (tests, timing; said loudly)")  # fmt: skip
     p.add_argument("--image-size", type=int, help="input side in pixels (default 256; paper 224)")
     p.add_argument("--epochs", type=int, help="training epochs per class (default 50, as the paper)")
     p.add_argument("--device", default=None, help="cpu, a CUDA index such as 0, or cuda:N (default: best available)")
@@ -56,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any PCSNet config option (YAML value), e.g. --set lr_cas=0.001; repeatable")  # fmt: skip
     p.add_argument("--vis-dir", metavar="DIR", help="write heat-map PNG panels of every test image here")
     p.add_argument("--no-checkpoints", action="store_true", help="do not write checkpoints/<class>.pt")
+    p.add_argument("--save-checkpoints", action="store_true",
+                   help="write checkpoints/<class>.pt where the config does not (paper.yaml: off, fp16 when on)")
+    p.add_argument("--select", choices=("last", "best-of-evals"),
+                   help="last (default): the last epoch's model; best-of-evals: ALSO test after epochs 0, 10, 20, ... "
+                   "and report the best of each metric in results.json 'best_of_evals' (transductive: it picks on "
+                   "the test set, as the original); the top-level numbers stay the last epoch's")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--num-workers", type=int,
                    help="DataLoader workers decoding test images (default: 0 on CPU, up to 4 on CUDA)")  # fmt: skip
@@ -81,10 +104,12 @@ def resolve_config(args: argparse.Namespace):
         "epochs": args.epochs, "grid_size": args.grid_size, "cas_width": args.cas_width,
         "refresh_prototypes": args.refresh_prototypes, "aug_pool": args.aug_pool, "batch_size": args.batch_size,
         "pdc_mode": args.pdc_mode, "fuse_pfa": args.fuse_pfa, "num_workers": args.num_workers,
-        "precision": args.precision,
+        "precision": args.precision, "select": args.select,
     }  # fmt: skip
-    if args.no_checkpoints:
-        overrides["save_checkpoints"] = False
+    if args.no_checkpoints and args.save_checkpoints:
+        raise UserError("--no-checkpoints and --save-checkpoints contradict each other; give one")
+    if args.no_checkpoints or args.save_checkpoints:
+        overrides["save_checkpoints"] = args.save_checkpoints
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -99,12 +124,37 @@ def resolve_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def apply_paper_defaults(args: argparse.Namespace) -> None:
+    """Paper mode (`python main.py` alone, or --paper): fill what the original's usage leaves out; say what ran."""
+    if not args.paper:
+        return
+    if args.config is None:
+        args.config = str(PAPER_CONFIG)
+    if args.data_root is None:
+        args.data_root = os.environ.get("MVTEC_ROOT") or PAPER_DATA_ROOT
+        args.data_root_source = "$MVTEC_ROOT" if os.environ.get("MVTEC_ROOT") else "default"
+    if args.k_shot is None:
+        args.k_shot = PAPER_K_SHOT
+    if args.save_dir is None:
+        args.save_dir = PAPER_SAVE_DIR
+    print(f"paper protocol: config {args.config}, data {args.data_root}, k {args.k_shot}, seed {args.seed}, "
+          f"classes {args.class_name}, results in {args.save_dir}", flush=True)  # fmt: skip
+
+
 def check_args(args: argparse.Namespace) -> None:
+    for flag, value in (("--data-root", args.data_root), ("--k-shot", args.k_shot), ("--save-dir", args.save_dir)):
+        if value is None:
+            raise UserError(f"{flag} is required (or run `python main.py` with no arguments, or --paper, for the "
+                            "paper protocol)")  # fmt: skip
     if args.k_shot < 1:
         raise UserError(f"--k-shot must be at least 1, got {args.k_shot}")
     resolve_workers(args.num_workers)  # a negative count fails here, before any model work
     root = Path(args.data_root)
     if not root.is_dir():
+        if getattr(args, "data_root_source", None):
+            where = "$MVTEC_ROOT" if args.data_root_source == "$MVTEC_ROOT" else f"the default {PAPER_DATA_ROOT}"
+            raise UserError(f"no dataset at {root} ({where}): put MVTec AD there and run `python data/mvtec.py "
+                            f"--root {root}`, or set MVTEC_ROOT / pass --data-root DIR")  # fmt: skip
         raise UserError(f"--data-root {root} is not a folder")
     if args.config and not Path(args.config).is_file():
         raise UserError(f"--config {args.config} does not exist")
@@ -162,9 +212,16 @@ def load_finished(save_dir: Path, classes: list[str], key: dict) -> dict[str, di
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Train and evaluate PCSNet on every selected class; write results.json and log.txt."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.paper = args.paper or not argv  # no arguments at all: the original's `python main.py`
+    apply_paper_defaults(args)
     check_args(args)
     cfg = resolve_config(args)
+    if cfg.backbone == "wide_resnet50_2":
+        from common.backbones import wrn_weights_path
+
+        wrn_weights_path(cfg.pretrained)  # missing weights: one line before any folder or model work
     from common import distributed
 
     device = distributed.init(parse_device(args.device))
@@ -191,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     )[0]
     todo = [c for c in classes if c not in done]
     backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, layers=cfg.layers, device=device,
-                              precision=cfg.precision)  # fmt: skip
+                              precision=cfg.precision, wrn_export=cfg.wrn_export)  # fmt: skip
     detector = PCSNetDetector(
         backbone, cfg, args.seed, save_dir if cfg.save_checkpoints else None,
         support_paths=lambda name: sample_support(meta, name, args.k_shot, args.seed),
@@ -205,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": result.seconds, "train_seconds": detector.train_seconds.get(name, 0.0),
             "setup_seconds": result.setup_seconds, "backbone_seconds": result.backbone_seconds,
             "data_seconds": result.data_seconds,
-            "final_loss": history[-1] if history else None,
+            "final_loss": history[-1] if history else None, "evals": selector.evals.get(name) if selector else None,
         })  # fmt: skip
 
     eval_cfg = EvalConfig(
@@ -213,25 +270,36 @@ def main(argv: list[str] | None = None) -> int:
         mean=backbone.mean, std=backbone.std, class_names=todo, batch_size=cfg.test_batch_size,
         num_workers=resolve_workers(cfg.num_workers, device),
         smooth_sigma=cfg.smooth_sigma, device=device, vis_dir=args.vis_dir, class_done=record if args.resume else None,
+        resize_size=cfg.resolved_resize(), resample=cfg.resample,
     )  # fmt: skip
+    selector = None
+    if cfg.select == "best-of-evals":
+        from pcsnet.selection import BestOfEvals
+
+        selector = BestOfEvals(detector, eval_cfg)
+        detector.on_eval = selector
     if done and distributed.is_main():
         print(f"--resume: {len(done)} class(es) already recorded in {save_dir / 'classes'}: {', '.join(done)}")
     start = time.perf_counter()
-    fresh, train_s, final_losses = {}, {}, {}
+    fresh, train_s, final_losses, evals = {}, {}, {}, {}
     if todo:
         fresh, _, payloads = evaluate_sharded(
             detector, eval_cfg, progress=not args.quiet and distributed.is_main(),
-            payload=lambda: (detector.train_seconds, {c: h[-1] if h else None for c, h in detector.histories.items()}),
+            payload=lambda: (detector.train_seconds, {c: h[-1] if h else None for c, h in detector.histories.items()},
+                             selector.evals if selector else {}),
         )  # fmt: skip
-        for seconds, losses in payloads:
+        for seconds, losses, passes in payloads:
             train_s.update(seconds)
             final_losses.update(losses)
+            evals.update(passes)
     total = time.perf_counter() - start
     for name, rec in done.items():
         fresh[name] = ClassResult(rec["metrics"], rec["support"], rec["n_images"], rec["seconds"],
                                   setup_seconds=rec.get("setup_seconds"), backbone_seconds=rec.get("backbone_seconds"),
                                   data_seconds=rec.get("data_seconds"))  # fmt: skip
         train_s[name], final_losses[name] = rec["train_seconds"], rec["final_loss"]
+        if rec.get("evals") is not None:
+            evals[name] = rec["evals"]
         total += rec["seconds"]
     per_class = {c: fresh[c] for c in classes}
     train_s = {c: train_s[c] for c in classes if c in train_s}
@@ -243,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         "test_seconds_per_image": sum(test_s.values()) / max(n_images, 1),
         "final_losses": {c: final_losses.get(c) for c in classes},
     }}  # fmt: skip
+    if selector is not None:
+        from pcsnet.selection import results_block
+
+        extra["best_of_evals"] = results_block(evals, classes)  # beside, never instead of, the last-epoch numbers
     results = build_results(
         "pcsnet", args.data_root, args.k_shot, args.seed, cfg.backbone, cfg.image_size,
         {c: r.metrics for c, r in per_class.items()}, {c: r.support for c, r in per_class.items()},
@@ -250,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     log = [f"{c}: train {train_s.get(c, 0.0):.1f} s, test {test_s[c] / max(per_class[c].n_images, 1):.3f} s/image"
            for c in per_class]  # fmt: skip
+    if selector is not None:
+        best = extra["best_of_evals"]["mean"]
+        log.append("best-of-evals (TRANSDUCTIVE, picked on the test set, as the original reports): "
+                   + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if v is not None))  # fmt: skip
     distributed.cleanup()
     if distributed.is_main():
         write_results(save_dir, results, log)

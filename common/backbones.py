@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -229,15 +230,31 @@ def _block_channels(stage: nn.Module) -> int:
     return int(convs[-1].out_channels)
 
 
-class WideResNetBackbone(Backbone):
-    """torchvision Wide-ResNet-50-2 (ImageNet), levels: 0 stem, 1..4 layer1..layer4 (PCSNet uses 1, 2, 3)."""
+WRN_EXPORTS = ("relu", "leaky_relu")
+# PCSNet/CFA backbone wrapper (design/pcsnet.md section 1): the exported layer outputs are leaky_relu (slope 0.01)
+# of the last block's pre-activation sum; the next layer still sees the ReLU, as in torchvision.
+WRN_LEAKY_SLOPE = 0.01
+RANDOM_WEIGHTS = "random"  # `--pretrained random`: the architecture with seeded random weights (tests, GPU check)
 
-    def __init__(self, model: nn.Module, layers: Sequence[int]):
+
+class WideResNetBackbone(Backbone):
+    """torchvision Wide-ResNet-50-2 (ImageNet), levels: 0 stem, 1..4 layer1..layer4 (PCSNet uses 1, 2, 3).
+
+    Args:
+        model: a torchvision `wide_resnet50_2` with its weights loaded.
+        layers: level indices to return.
+        export: `relu` (torchvision's layer outputs) or `leaky_relu` (PCSNet paper mode: the pre-activation sum of
+            each returned layer's last block through leaky_relu 0.01, so negative pre-activations are kept x 0.01).
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int], export: str = "relu"):
         if not layers or min(layers) < 0 or max(layers) > 4:
             raise UserError(f"wide_resnet50_2 has levels 0..4; cannot return {list(layers)}")
+        if export not in WRN_EXPORTS:
+            raise UserError(f"unknown WRN feature export {export!r}; use one of {', '.join(WRN_EXPORTS)}")
         info = [FeatureInfo(_WRN_LEVELS[i][1], _WRN_LEVELS[i][2], _WRN_LEVELS[i][0]) for i in layers]
         super().__init__("wide_resnet50_2", info, IMAGENET_MEAN, IMAGENET_STD, 224, info[-1].channels)
-        self.model, self.layers = model, tuple(layers)
+        self.model, self.layers, self.export = model, tuple(layers), export
         fuse_conv_bn(self.model)
         self.model.to(memory_format=torch.channels_last)
 
@@ -246,10 +263,26 @@ class WideResNetBackbone(Backbone):
         x = m.maxpool(m.relu(m.bn1(m.conv1(x.contiguous(memory_format=torch.channels_last)))))
         found = {0: x}
         for level in range(1, max(self.layers) + 1):
-            x = getattr(m, f"layer{level}")(x)
-            found[level] = x
+            blocks = getattr(m, f"layer{level}")
+            if self.export == "relu" or level not in self.layers:
+                x = blocks(x)
+                found[level] = x
+                continue
+            for block in list(blocks)[:-1]:
+                x = block(x)
+            pre = _bottleneck_preactivation(blocks[-1], x)
+            found[level] = F.leaky_relu(pre, WRN_LEAKY_SLOPE)
+            x = F.relu(pre)
         features = [found[i] for i in self.layers]
         return BackboneOutput(features, features[-1].mean(dim=(2, 3)))
+
+
+def _bottleneck_preactivation(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision Bottleneck's residual sum before its final ReLU (its forward is relu of this)."""
+    identity = x if block.downsample is None else block.downsample(x)
+    out = block.relu(block.bn1(block.conv1(x)))
+    out = block.relu(block.bn2(block.conv2(out)))
+    return block.bn3(block.conv3(out)) + identity
 
 
 @torch.no_grad()
@@ -452,23 +485,42 @@ def _build_clip(name: str, pretrained: str | None, layers: Sequence[int] | None,
     return ClipViTBackbone(name, model.visual, layers, size)
 
 
-def _build_wrn(pretrained: str | None, layers: Sequence[int]) -> Backbone:
-    import torchvision
+def wrn_weights_path(pretrained: str | None) -> Path | None:
+    """The WRN-50-2 weights file to load (None for `random`), or a UserError saying where to put it.
 
-    model = torchvision.models.wide_resnet50_2(weights=None)
+    Callable before any work (main.py checks it before creating the output folder)."""
+    if pretrained == RANDOM_WEIGHTS:
+        return None
     path = Path(pretrained).expanduser() if pretrained else Path(torch.hub.get_dir()) / "checkpoints" / _WRN_FILE
     if not path.is_file():
         raise UserError(
             f"Wide-ResNet-50-2 ImageNet weights not found at {path}; copy torchvision's {_WRN_FILE} there "
-            "(torchvision.models.wide_resnet50_2(weights='IMAGENET1K_V1') downloads it where there is internet) "
-            "or pass --pretrained /path/to/file.pth"
+            "(torchvision.models.wide_resnet50_2(weights='IMAGENET1K_V1') downloads it where there is internet), "
+            "pass --pretrained /path/to/file.pth, or --pretrained random for an untrained architecture"
         )
+    return path
+
+
+def _build_wrn(pretrained: str | None, layers: Sequence[int], export: str = "relu") -> Backbone:
+    import torchvision
+
+    if pretrained == RANDOM_WEIGHTS:
+        print(
+            "WARNING: wide_resnet50_2 with RANDOM weights (--pretrained random): the architecture only, for tests "
+            "and timing; anomaly scores are meaningless", file=sys.stderr, flush=True,
+        )  # fmt: skip
+        with torch.random.fork_rng(devices=[]):  # the same random backbone in every process and rerun
+            torch.manual_seed(0)
+            model = torchvision.models.wide_resnet50_2(weights=None)
+        return WideResNetBackbone(model, layers, export)
+    path = wrn_weights_path(pretrained)
+    model = torchvision.models.wide_resnet50_2(weights=None)
     state = _load_state_dict_file(path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise UserError(f"weights file {path} does not match wide_resnet50_2: {str(exc).splitlines()[0]}") from exc
-    return WideResNetBackbone(model, layers)
+    return WideResNetBackbone(model, layers, export)
 
 
 DEFAULT_CNN_LAYERS = {**{n: (2, 3) for n in LITE_NAMES}, "wide_resnet50_2": (2, 3)}
@@ -481,6 +533,7 @@ def build_backbone(
     device: str | torch.device = "cpu",
     quick_gelu: bool = False,
     precision: str = "fp32",
+    wrn_export: str = "relu",
 ) -> Backbone:
     """Build a frozen backbone by name.
 
@@ -493,12 +546,16 @@ def build_backbone(
         device: where to put it.
         quick_gelu: CLIP only. VAND/FDSL run ViT-L-14-336 with nn.GELU (their quirk), so False by default.
         precision: `fp32`, `bf16` or `fp16` (CUDA) forward; see `Backbone.set_precision`.
+        wrn_export: wide_resnet50_2 only: `relu` (torchvision's outputs) or `leaky_relu` (PCSNet paper mode).
     """
+    if wrn_export != "relu" and name != "wide_resnet50_2":
+        raise UserError(f"the {wrn_export} feature export is a wide_resnet50_2 option (PCSNet paper mode); {name} "
+                        "exports its own activations (set wrn_export relu)")  # fmt: skip
     if name in LITE_NAMES:
         classifier = build_efficientnet_lite_classifier(name)
         backbone: Backbone = EfficientNetLiteBackbone(classifier, layers or DEFAULT_CNN_LAYERS[name], name)
     elif name == "wide_resnet50_2":
-        backbone = _build_wrn(pretrained, layers or DEFAULT_CNN_LAYERS[name])
+        backbone = _build_wrn(pretrained, layers or DEFAULT_CNN_LAYERS[name], wrn_export)
     else:
         backbone = _build_clip(name, pretrained, layers, quick_gelu)
     return backbone.freeze().to(device).set_precision(precision)

@@ -57,6 +57,11 @@ class EvalConfig:
     vis_dir: str | None = None  # heat-map PNG panels per test image when set
     support_draw: int = 0
     class_done: Callable[[str, ClassResult], None] | None = None  # called after each class (e.g. to record it)
+    # PCSNet paper mode: test images and masks are resized to resize_size, then centre-cropped to image_size; the
+    # support images are handed to detector.setup uncropped at resize_size (PCSNet makes its pseudo anomalies
+    # there and crops them itself, as the original). None = squash to image_size.
+    resize_size: int | None = None
+    resample: str = "bicubic"  # image resize filter (PCSNet paper mode: lanczos, PIL's ANTIALIAS)
 
 
 @dataclass
@@ -134,14 +139,18 @@ def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tupl
     """Run the few-shot protocol over every (selected) class. Returns per-class results and total seconds."""
     meta = load_meta(cfg.dataset_root)
     check_eval_inputs(meta, cfg.dataset_root, cfg.class_names, cfg.k_shot, cfg.seed, cfg.support_draw)
-    dataset = AnomalyDataset(cfg.dataset_root, "test", cfg.class_names, cfg.image_size, cfg.mean, cfg.std, meta=meta)
+    load_size = cfg.resize_size or cfg.image_size
+    crop = cfg.image_size if cfg.resize_size else None
+    dataset = AnomalyDataset(cfg.dataset_root, "test", cfg.class_names, load_size, cfg.mean, cfg.std, meta=meta,
+                             crop_size=crop, resample=cfg.resample)  # fmt: skip
     out: dict[str, ClassResult] = {}
     total = 0.0
     for class_name in dataset.class_names:
         indices = list(dataset.class_indices[class_name])
         support = sample_support(meta, class_name, cfg.k_shot, cfg.seed, draw=cfg.support_draw)
         start = time.perf_counter()
-        support_images = load_images(cfg.dataset_root, support, cfg.image_size, cfg.mean, cfg.std).to(cfg.device)
+        support_images = load_images(cfg.dataset_root, support, load_size, cfg.mean, cfg.std,
+                                     resample=cfg.resample).to(cfg.device)  # fmt: skip
         detector.setup(class_name, support_images)
         setup_seconds = time.perf_counter() - start
         backbone_start, data_seconds = backbone_seconds(), 0.0
@@ -181,7 +190,7 @@ def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tupl
             score_np = cfg.class_score_fn(score_np, map_np)
         metrics = compute_metrics(score_np, label_np, map_np, torch.cat(masks).numpy(), torch.cat(known).numpy())
         if cfg.vis_dir:
-            _save_panels(Path(cfg.vis_dir) / class_name, cfg.dataset_root, paths, map_np, size)
+            _save_panels(Path(cfg.vis_dir) / class_name, cfg.dataset_root, paths, map_np, size, cfg.resize_size)
         out[class_name] = ClassResult(metrics, support, len(indices), seconds, setup_seconds=setup_seconds,
                                       backbone_seconds=test_backbone, data_seconds=data_seconds)  # fmt: skip
         if cfg.class_done is not None:
@@ -219,7 +228,10 @@ def evaluate_sharded(
     return {name: merged[name] for name in names}, sum(p[2] for p in parts), [p[3] for p in parts]
 
 
-def _save_panels(folder: Path, root: str, paths: list[str], maps: np.ndarray, size: int) -> None:
+def _save_panels(
+    folder: Path, root: str, paths: list[str], maps: np.ndarray, size: int, resize: int | None = None
+) -> None:
+    """Heat-map panels; with `resize` the image is resized to it and centre-cropped to `size`, as the maps were."""
     import cv2
 
     from common.visualization import save_panel
@@ -228,7 +240,11 @@ def _save_panels(folder: Path, root: str, paths: list[str], maps: np.ndarray, si
     vmax = float(np.quantile(maps, 0.999)) if maps.size else 1.0
     vmin = float(maps.min()) if maps.size else 0.0
     for rel, anomaly_map in zip(paths, maps):
-        image = cv2.resize(read_image(Path(root) / rel), (size, size), interpolation=cv2.INTER_AREA)
+        side = resize or size
+        image = cv2.resize(read_image(Path(root) / rel), (side, side), interpolation=cv2.INTER_AREA)
+        if resize:
+            top = int(round((side - size) / 2.0))
+            image = np.ascontiguousarray(image[top : top + size, top : top + size])
         name = rel.replace("/", "_").rsplit(".", 1)[0] + ".png"
         save_panel(folder / name, image, anomaly_map, vmin=vmin, vmax=vmax)
 

@@ -2,6 +2,7 @@
 
 Resize policy (VAND/FDSL): a square squash to `image_size` with PIL bicubic for images; masks are resized
 bilinearly as 0/1 floats and binarised at > 0.5. Masks on disk are binarised with > 0 (VisA masks are not 0/255).
+With `crop` (PCSNet paper mode: resize 256, crop 224) images and masks are then centre-cropped alike.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # A mask may hold 0 plus one defect value (0/255, 0/1) or a few instance labels; more levels mean a grey image.
 MAX_MASK_LEVELS = 32
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# Image resize filters: bicubic (VAND/FDSL, our default) or lanczos (PIL's ANTIALIAS, the PCSNet/CFA original).
+RESAMPLE = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
 
 def _open(path: str | os.PathLike, what: str) -> Image.Image:
@@ -115,30 +118,50 @@ def _check_size(image_size: int) -> int:
     return int(size)
 
 
+def center_crop(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """The central `size` x `size` window of `(..., H, W)` (torchvision CenterCrop's offsets); None = unchanged."""
+    if size is None or (x.shape[-2] == size and x.shape[-1] == size):
+        return x
+    h, w = x.shape[-2:]
+    if size > h or size > w:
+        raise ValueError(f"cannot centre-crop {size} x {size} from {h} x {w}")
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return x[..., top : top + size, left : left + size]
+
+
 def preprocess_image(
-    image: np.ndarray, image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    image: np.ndarray,
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    crop: int | None = None,
+    resample: str = "bicubic",
 ) -> torch.Tensor:
     """Squash-resize an RGB uint8 `(H, W, 3)` image to `(3, S, S)` float, normalised with mean/std.
 
-    Bicubic PIL resize to (S, S), then ToTensor (/255) and per-channel (x - mean) / std.
+    PIL resize to (S, S) (`resample`: bicubic, or lanczos as PCSNet's original), then ToTensor (/255) and
+    per-channel (x - mean) / std; with `crop` the central crop x crop window of that (output `(3, crop, crop)`).
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     size = _check_size(image_size)
-    resized = Image.fromarray(image).resize((size, size), Image.BICUBIC)
+    if resample not in RESAMPLE:
+        raise UserError(f"unknown resize filter {resample!r}; use one of {', '.join(RESAMPLE)}")
+    resized = Image.fromarray(image).resize((size, size), RESAMPLE[resample])
     tensor = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return ((tensor - mean_t) / std_t).contiguous()
+    return center_crop((tensor - mean_t) / std_t, crop).contiguous()
 
 
-def preprocess_mask(mask: np.ndarray, image_size: int) -> torch.Tensor:
-    """Resize a bool `(H, W)` mask to a `(1, S, S)` float tensor in {0, 1} (bilinear, then > 0.5)."""
+def preprocess_mask(mask: np.ndarray, image_size: int, crop: int | None = None) -> torch.Tensor:
+    """Resize a bool `(H, W)` mask to a `(1, S, S)` float tensor in {0, 1} (bilinear, then > 0.5), then centre-crop
+    it to `crop` when given (exactly as `preprocess_image`)."""
     if mask.ndim != 2:
         raise ValueError(f"expected an (H, W) mask, got shape {mask.shape}")
     size = _check_size(image_size)
     resized = Image.fromarray(mask.astype(np.float32)).resize((size, size), Image.BILINEAR)
-    return torch.from_numpy((np.asarray(resized) > 0.5).astype(np.float32))[None]
+    return center_crop(torch.from_numpy((np.asarray(resized) > 0.5).astype(np.float32))[None], crop).contiguous()
 
 
 def load_images(
@@ -147,12 +170,14 @@ def load_images(
     image_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    resample: str = "bicubic",
 ) -> torch.Tensor:
     """Read and preprocess images given relative to `root` (e.g. few-shot support) into `(k, 3, S, S)`."""
     size = _check_size(image_size)
     if not img_paths:
         return torch.zeros(0, 3, size, size)
-    return torch.stack([preprocess_image(read_image(Path(root) / rel), size, mean, std) for rel in img_paths])
+    return torch.stack([preprocess_image(read_image(Path(root) / rel), size, mean, std, resample=resample)
+                        for rel in img_paths])  # fmt: skip
 
 
 class AnomalyDataset(Dataset):
@@ -173,8 +198,13 @@ class AnomalyDataset(Dataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         meta: dict | None = None,
+        crop_size: int | None = None,
+        resample: str = "bicubic",
     ) -> None:
         """Select the items of `split` (and of `class_names`, default all) from `meta` or ROOT/meta.json.
+
+        `crop_size`: resize to `image_size`, then centre-crop images and masks to `crop_size` (PCSNet paper mode).
+        `resample`: the image resize filter (bicubic; lanczos for PCSNet paper mode).
 
         Raises:
             UserError: missing/corrupt meta.json, unknown split, or class names not in the split.
@@ -199,6 +229,8 @@ class AnomalyDataset(Dataset):
         self.split = split
         self.class_names = wanted
         self.image_size = _check_size(image_size)
+        self.crop_size = None if crop_size is None else _check_size(crop_size)
+        self.resample = resample
         self.mean, self.std = tuple(mean), tuple(std)
         self.items: list[dict] = []
         self.class_indices: dict[str, range] = {}
@@ -225,11 +257,12 @@ class AnomalyDataset(Dataset):
                     f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
                     f"{image.shape[1]}x{image.shape[0]}; a mask must have its image's size"
                 )
-            gt_mask = preprocess_mask(mask, size)
+            gt_mask = preprocess_mask(mask, size, self.crop_size)
         else:
-            gt_mask = torch.zeros(1, size, size)
+            side = self.crop_size or size
+            gt_mask = torch.zeros(1, side, side)
         return {
-            "image": preprocess_image(image, size, self.mean, self.std),
+            "image": preprocess_image(image, size, self.mean, self.std, self.crop_size, self.resample),
             "gt_mask": gt_mask,
             "gt_label": label,
             "has_mask": has_mask,

@@ -25,6 +25,13 @@ REF_GRID = 64
 PAPER_NN_CAS = 200  # design/pcsnet.md section 2: S = the 200 smallest distances per pixel
 PAPER_PDC_TOP = 50  # section 2: L_PDC averages the 50 largest pixel 3-NN distances
 PAPER_PYRAMID_BINS = (60, 30, 15, 8)  # section 3: PFENet FEM bins on the 64 grid
+PAPER_RESIZE, PAPER_CROP = 256, 224  # section 4: resize to 256, centre-crop 224 (images and masks alike)
+PAPER_EVAL_EVERY = 10  # section 5: the original tests after epochs 0, 10, 20, 30, 40
+REDUCE_ORDERS = ("pool_first", "reduce_first")
+BN_MODES = ("eval", "train")
+SELECTIONS = ("last", "best-of-evals")
+CHECKPOINT_DTYPES = ("fp32", "fp16")
+MIX_BATCHES = ("append", "replace_half")
 
 
 @dataclass
@@ -34,7 +41,10 @@ class PCSNetConfig:
     backbone: str = "efficientnet_lite0"  # paper: wide_resnet50_2
     pretrained: str | None = None  # weights file for wide_resnet50_2 (torch cache otherwise)
     layers: tuple[int, ...] = (1, 2, 3)  # paper: WRN layer1..layer3; lite0 levels 1..3 (strides 4/8/16)
-    image_size: int = 256  # paper: 224
+    image_size: int = 256  # paper: 224 (the crop)
+    resize_size: int | str | None = None  # paper "auto": resize to image_size * 256 / 224, centre-crop image_size;
+    # None squashes the full frame to image_size (the CPU default)
+    resample: str = "bicubic"  # image resize filter; paper "lanczos" (PIL ANTIALIAS, as the original)
     grid_size: int | None = None  # paper: 64; None = image_size // grid_stride
     grid_stride: int = 8  # used when grid_size is None: 256 px -> 32x32 (CPU cost, see the README)
     nn_cas: int | None = None  # paper 200 at 64x64; None = 200 scaled by grid^2 / 64^2
@@ -44,6 +54,9 @@ class PCSNetConfig:
     cas_in_channels: int | None = None  # paper: 896 (the first 896 descriptor channels); None = all
     cas_dropout: float = 0.1
     rotation_classes: tuple[str, ...] = ROTATION_CLASSES
+    reduce_order: str = "pool_first"  # paper "reduce_first": rotation reducer, then the 3x3 avg-pool
+    prototype_bn: str = "eval"  # BN mode of the descriptor while C is computed; paper "train" (as in training)
+    wrn_export: str = "relu"  # wide_resnet50_2 features: paper "leaky_relu" of the pre-activation sums
     epochs: int = 50  # paper: 50
     batch_size: int = 2  # paper: 2 clean support images per step (+ their pseudo-anomalous versions)
     lr_adaptor: float = 1e-3  # paper: descriptor and r
@@ -55,6 +68,8 @@ class PCSNetConfig:
     nu: float = 1e-3  # paper: hinge losses divided by nu
     loss_weights: tuple[float, float, float, float] = (1.0, 1.0, 50.0, 40.0)  # NFC, AFS, PDC, SEG
     pdc_mode: str = "softmax"  # softmax (the original's batch CE, a ranking loss) | bce
+    mix_batch: str = "append"  # L_PDC/L_SEG batch: the B clean + their B pseudo-anomalous images (any k); paper
+    # "replace_half": the B clean images with B/2 of them swapped for their pseudo-anomalous version (needs B >= 2)
     refresh_prototypes: int = 10  # paper 0 = once at init; N = recompute every N epochs (docs/STATUS.md)
     nsa_default_bounds: tuple[float, float] | None = (0.02, 0.15)  # NSA half-width bounds (lo, hi) of classes not
     # in the MVTec/MPDD tables, both axes; None = (0.03, 0.4) as the tables' large classes
@@ -65,12 +80,21 @@ class PCSNetConfig:
     test_batch_size: int = 8
     num_workers: int | None = None  # DataLoader workers decoding test images; None = 0 on CPU, CPUs - 1 (<= 4) on CUDA
     precision: str = "fp32"  # backbone forward: fp32, or bf16 / fp16 autocast (fp16: CUDA only)
-    save_checkpoints: bool = True
+    save_checkpoints: bool = True  # paper.yaml: False (the original saves nothing; --save-checkpoints opts in)
+    checkpoint_dtype: str = "fp32"  # paper.yaml: fp16 (a 120M-parameter CAS is ~480 MB per class in fp32)
+    select: str = "last"  # "best-of-evals": also test every eval_every epochs, report the best (transductive)
+    eval_every: int = PAPER_EVAL_EVERY
     extra: dict = field(default_factory=dict)  # free-form notes carried into results.json
 
     def resolved_grid(self) -> int:
         """Side of the feature grid (design/pcsnet.md section 1: 64 for the paper)."""
         return int(self.grid_size) if self.grid_size else max(1, self.image_size // self.grid_stride)
+
+    def resolved_resize(self) -> int | None:
+        """Side the images are resized to before the centre crop to image_size; None = no crop (squash)."""
+        if self.resize_size == "auto":
+            return max(self.image_size, round(self.image_size * PAPER_RESIZE / PAPER_CROP))
+        return None if self.resize_size is None else int(self.resize_size)
 
     def scaled(self, reference: int, grid: int) -> int:
         """A count defined for the 64x64 grid, rescaled to `grid` x `grid` positions (at least 1)."""
@@ -97,11 +121,27 @@ class PCSNetConfig:
             (self.pdc_mode in ("softmax", "bce"), f"pdc_mode must be softmax or bce, got {self.pdc_mode!r}"),
             (len(self.loss_weights) == 4, "loss_weights needs 4 values (NFC, AFS, PDC, SEG)"),
             (self.nn_loss >= 1, "nn_loss must be >= 1"),
+            (self.reduce_order in REDUCE_ORDERS, f"reduce_order must be one of {', '.join(REDUCE_ORDERS)}"),
+            (self.prototype_bn in BN_MODES, f"prototype_bn must be one of {', '.join(BN_MODES)}"),
+            (self.checkpoint_dtype in CHECKPOINT_DTYPES, f"checkpoint_dtype must be {' or '.join(CHECKPOINT_DTYPES)}"),
+            (self.resample in ("bicubic", "lanczos"), f"resample must be bicubic or lanczos, got {self.resample!r}"),
+            (self.mix_batch in MIX_BATCHES, f"mix_batch must be one of {', '.join(MIX_BATCHES)}"),
+            (self.select in SELECTIONS, f"select must be one of {', '.join(SELECTIONS)}"),
+            (self.eval_every >= 1, "eval_every must be >= 1"),
+            (
+                self.resize_size in (None, "auto") or _int_at_least(self.resize_size, self.image_size),
+                f"resize_size must be 'auto', null or a size >= the image size {self.image_size}, "
+                f"got {self.resize_size!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
         return self
+
+
+def _int_at_least(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 _TUPLE_FIELDS = {"layers", "loss_weights", "rotation_classes", "nsa_default_bounds"}

@@ -44,15 +44,16 @@ def _reducer(channels: int, reduced: int) -> nn.Sequential:
 
 
 class Descriptor(nn.Module):
-    """The PFA adaptor: per level 3x3 avg-pool -> (reducer) -> 1x1 CoordConv -> bilinear resize -> concat.
+    """The PFA adaptor: per level 3x3 avg-pool and (reducer) -> 1x1 CoordConv -> bilinear resize -> concat.
 
     Widths come from the backbone's declared channels (WRN 256/512/1024 -> 1792, lite0 24/40/112 -> 176; the
-    rotation variant halves each level).
+    rotation variant halves each level). `reduce_order`: `reduce_first` runs the rotation reducer before the
+    avg-pool, as the original; `pool_first` (our CPU default) pools first. Without a reducer the two are equal.
     """
 
-    def __init__(self, channels: list[int], grid: int, reduced: bool = False):
+    def __init__(self, channels: list[int], grid: int, reduced: bool = False, reduce_order: str = "pool_first"):
         super().__init__()
-        self.grid = grid
+        self.grid, self.reduce_first = grid, reduce_order == "reduce_first"
         widths = [max(1, c // 2) if reduced else c for c in channels]
         self.reducers = nn.ModuleList(_reducer(c, w) if reduced else nn.Identity() for c, w in zip(channels, widths))
         self.coords = nn.ModuleList(CoordConv(w, w) for w in widths)
@@ -62,8 +63,12 @@ class Descriptor(nn.Module):
         """Backbone levels [(B, C_l, H_l, W_l)] -> adapted features (B, D, G, G)."""
         out = []
         for feat, reducer, coord in zip(levels, self.reducers, self.coords):
-            feat = F.avg_pool2d(feat.float(), kernel_size=3, stride=1, padding=1)
-            feat = coord(reducer(feat))
+            feat = feat.float()
+            if self.reduce_first:
+                feat = F.avg_pool2d(reducer(feat), kernel_size=3, stride=1, padding=1)
+            else:
+                feat = reducer(F.avg_pool2d(feat, kernel_size=3, stride=1, padding=1))
+            feat = coord(feat)
             if feat.shape[-1] != self.grid or feat.shape[-2] != self.grid:
                 feat = F.interpolate(feat, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
             out.append(feat)
@@ -134,7 +139,8 @@ class PCSNet(nn.Module):
         self.grid = cfg.resolved_grid()
         self.backbone_channels = list(channels)
         positions = self.grid * self.grid
-        self.descriptor = Descriptor(channels, self.grid, reduced=rotation)
+        self.descriptor = Descriptor(channels, self.grid, reduced=rotation, reduce_order=cfg.reduce_order)
+        self.prototype_bn_train = cfg.prototype_bn == "train"
         dim = self.descriptor.out_channels
         self.cas_in = min(cfg.cas_in_channels or dim, dim)  # original: the first 896 channels only (bug 9.8)
         self.nn_cas = min(cfg.nn_cas or cfg.scaled(PAPER_NN_CAS, self.grid), positions)
@@ -168,20 +174,28 @@ class PCSNet(nn.Module):
 
     @torch.no_grad()
     def set_prototypes(self, support_levels: list[torch.Tensor], chunk: int = 8) -> None:
-        """C = per-position mean of the adapted support features, in eval mode and without gradients (bug 9.5)."""
+        """C = per-position mean of the adapted support features, without gradients.
+
+        BatchNorm (the rotation reducer's) runs in eval mode (the CPU default), or with `prototype_bn: train` in
+        train mode as in training and as the original: batch statistics over chunks of `chunk` images (the
+        original's loader batch) and a running-statistics update. The frozen backbone is outside (bug 9.5 fix).
+        """
         was_training = self.training
-        self.eval()
+        self.train(self.prototype_bn_train)
         k = len(support_levels[0])
         feats = [self.descriptor([lv[i : i + chunk] for lv in support_levels]) for i in range(0, k, chunk)]
         self.prototypes.copy_(compute_prototypes(torch.cat(feats)))
         self.train(was_training)
 
-    def forward(self, levels: list[torch.Tensor], out_size: int | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, levels: list[torch.Tensor], out_size: int | None = None, cas: bool = True
+    ) -> dict[str, torch.Tensor]:
         """Run PFA and CAS.
 
         Args:
             levels: backbone features [(B, C_l, H_l, W_l)].
             out_size: side of the returned logits (the input size); None keeps the grid.
+            cas: False stops after the distances (no `logits`): the original's A(x) and A(x_aug) passes.
 
         Returns:
             dict with `features` (B, D, G, G), `knn` (B, G*G, nn_cas) ascending distances (the first nn_loss feed
@@ -189,6 +203,8 @@ class PCSNet(nn.Module):
         """
         feats = self.descriptor(levels)
         knn = knn_distances(feats, self.prototypes, max(self.nn_cas, self.nn_loss))
+        if not cas:
+            return {"features": feats, "knn": knn}
         prior = distance_map(knn[..., : self.nn_cas], self.grid)  # S: the 200-NN map of Fig. 2
         logits = self.cas(feats[:, : self.cas_in], prior)
         if out_size is not None and out_size != self.grid:

@@ -73,7 +73,8 @@ def build_pcsnet_detector(
     }  # fmt: skip
     cfg = load_config(config, overrides)
     set_seed(seed)
-    model = build_backbone(cfg.backbone, pretrained=cfg.pretrained, layers=cfg.layers, device=torch.device(device))
+    model = build_backbone(cfg.backbone, pretrained=cfg.pretrained, layers=cfg.layers, device=torch.device(device),
+                           wrn_export=cfg.wrn_export)  # fmt: skip
     detector = PCSNetDetector(model, cfg, seed, save_dir=None, progress=progress)
     detector.mean, detector.std, detector.image_size = model.mean, model.std, int(cfg.image_size)
     detector.smooth_sigma = float(cfg.smooth_sigma)

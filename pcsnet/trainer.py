@@ -6,6 +6,9 @@ images. Each step also takes one pseudo-anomalous version of every clean image i
 pseudo-anomalous images together form the batch of L_PDC and L_SEG (the original replaced half of the clean
 batch instead, which needs >= 2 shots). Backbone features of the support are computed once; the pseudo
 anomalies come from a pool of `aug_pool` precomputed variants per support image (0 = fresh each step).
+With `resize_size` (paper mode) the support arrives uncropped at the resize size: the pseudo anomalies are made
+there and then images and masks are centre-cropped to `image_size` alike, as the original (which cropped the
+images but squashed the masks, bug 9.2).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from tqdm import tqdm
 
 from common.anomaly_map import upsample_map
 from common.backbones import Backbone
-from common.utils import atomic_torch_save
+from common.utils import UserError, atomic_torch_save
+from data.dataset import center_crop
 from pcsnet.config import PCSNetConfig, config_to_dict, load_config
 from pcsnet.losses import afs_loss, nfc_loss, pdc_loss, seg_loss, total_loss
 from pcsnet.model import PCSNet
@@ -59,8 +63,10 @@ class PseudoAnomalySource:
         rng: np.random.Generator,
         pool: int,
         params: NSAParams | None = None,
+        crop: int | None = None,
     ):
         self.backbone, self.support, self.class_name, self.rng, self.pool = backbone, support, class_name, rng, pool
+        self.crop = crop  # centre-crop side applied after the pseudo anomaly is made (paper mode); None = none
         self.params = params or nsa_params(class_name)
         self.k = len(support)
         if pool > 0:
@@ -73,7 +79,8 @@ class PseudoAnomalySource:
         images, masks = make_pseudo_anomalies(self.support[idx].cpu(), self.class_name, self.rng, mean, std,
                                               self.params)  # fmt: skip
         device = self.support.device
-        return extract_levels(self.backbone, images.to(device)), masks.to(device)
+        images, masks = center_crop(images, self.crop), center_crop(masks, self.crop)
+        return extract_levels(self.backbone, images.to(device).contiguous()), masks.to(device).contiguous()
 
     def sample(self, idx: torch.Tensor) -> tuple[Levels, torch.Tensor]:
         """Pseudo-anomalous levels and masks (len(idx), 1, S, S) for the support images `idx`."""
@@ -94,18 +101,27 @@ def build_optimizer(model: PCSNet, cfg: PCSNetConfig) -> torch.optim.Optimizer:
 
 
 def train_step(
-    model: PCSNet, clean: Levels, aug: Levels, masks: torch.Tensor, cfg: PCSNetConfig, opt: torch.optim.Optimizer
+    model: PCSNet,
+    clean: Levels,
+    aug: Levels,
+    masks: torch.Tensor,
+    cfg: PCSNetConfig,
+    opt: torch.optim.Optimizer,
+    rng: np.random.Generator | None = None,
 ) -> dict[str, float]:
     """One update on B clean images and their B pseudo-anomalous versions.
 
     Args:
         clean, aug: backbone levels of the clean and the pseudo-anomalous images (B each).
         masks: (B, 1, S, S) pseudo-anomaly masks of `aug` at the input resolution.
+        rng: picks the swapped images of `mix_batch: replace_half` (default: a fixed generator).
 
     Returns:
         The loss terms and the total as floats.
     """
     b, size = masks.shape[0], masks.shape[-1]
+    if cfg.mix_batch == "replace_half" and b >= 2:
+        return _train_step_replace_half(model, clean, aug, masks, cfg, opt, rng or np.random.default_rng(0))
     out = model([torch.cat([c, a]) for c, a in zip(clean, aug)], out_size=size)
     knn = out["knn"][..., : model.nn_loss]  # 3-NN distances for the losses
     grid_mask = F.adaptive_avg_pool2d(masks, model.grid).flatten(1) > 0.5  # mask on the feature grid (B, N)
@@ -117,6 +133,35 @@ def train_step(
         "pdc": pdc_loss(knn, target, model.pdc_top, cfg.pdc_mode, margin=(r**2 + (r + alpha) ** 2) / 2),
         "seg": seg_loss(out["logits"], torch.cat([torch.zeros_like(masks), masks])),
     }
+    return _update(model, terms, cfg, opt)
+
+
+def _train_step_replace_half(
+    model: PCSNet, clean: Levels, aug: Levels, masks: torch.Tensor, cfg: PCSNetConfig, opt, rng: np.random.Generator
+) -> dict[str, float]:
+    """The original's step (design/pcsnet.md section 4): L_NFC from A(x), L_AFS from A(x_aug), and L_PDC plus
+    CAS / L_SEG from A(x_mix), x_mix = x with B/2 random images swapped for their pseudo-anomalous version."""
+    b, size = masks.shape[0], masks.shape[-1]
+    swap = torch.zeros(b, dtype=torch.bool, device=masks.device)
+    swap[torch.from_numpy(rng.choice(b, size=b // 2, replace=False)).to(masks.device)] = True
+    pick = swap.view(-1, 1, 1, 1)
+    mixed = [torch.where(pick, a, c) for c, a in zip(clean, aug)]
+    mix_masks = masks * pick
+    out_clean, out_aug = model(clean, cas=False), model(aug, cas=False)
+    out = model(mixed, out_size=size)
+    grid_mask = F.adaptive_avg_pool2d(masks, model.grid).flatten(1) > 0.5
+    r, alpha, k = model.r, cfg.alpha, model.nn_loss
+    terms = {
+        "nfc": nfc_loss(out_clean["knn"][..., :k], r, cfg.nu),
+        "afs": afs_loss(out_aug["knn"][..., :k], grid_mask, r, alpha, cfg.nu),
+        "pdc": pdc_loss(out["knn"][..., :k], mix_masks.flatten(1).amax(1), model.pdc_top, cfg.pdc_mode,
+                        margin=(r**2 + (r + alpha) ** 2) / 2),  # fmt: skip
+        "seg": seg_loss(out["logits"], mix_masks),
+    }
+    return _update(model, terms, cfg, opt)
+
+
+def _update(model: PCSNet, terms: dict[str, torch.Tensor], cfg: PCSNetConfig, opt) -> dict[str, float]:
     loss = total_loss(terms, cfg.loss_weights)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -125,8 +170,17 @@ def train_step(
     return {**record, "total": float(loss.detach()), "r": float(model.r.detach())}
 
 
+EvalHook = Callable[[int, PCSNet], None]  # (epoch, model in eval mode) -> None; --select best-of-evals
+
+
 def train_class(
-    backbone: Backbone, cfg: PCSNetConfig, class_name: str, support: torch.Tensor, seed: int, progress: bool = True
+    backbone: Backbone,
+    cfg: PCSNetConfig,
+    class_name: str,
+    support: torch.Tensor,
+    seed: int,
+    progress: bool = True,
+    on_eval: EvalHook | None = None,
 ) -> tuple[PCSNet, list[dict]]:
     """Train one class's PCSNet on its support images.
 
@@ -134,9 +188,12 @@ def train_class(
         backbone: frozen feature extractor (on the support's device).
         cfg: run config.
         class_name: selects the NSA parameters and the rotation variant.
-        support: (k, 3, S, S) normalised support images, any k >= 1.
+        support: (k, 3, S, S) normalised support images, any k >= 1; (k, 3, R, R) uncropped at the resize size R in
+            paper mode (cropped here to S after the pseudo anomalies are made).
         seed: run seed (combined with the class name).
         progress: show a tqdm bar over epochs.
+        on_eval: called after epochs 0, eval_every, 2 * eval_every, ... (the original's test points) with the model
+            in eval mode; the global torch RNG is restored afterwards, so training continues as without it.
 
     Returns:
         The trained model (eval mode) and the per-epoch mean loss terms.
@@ -145,29 +202,43 @@ def train_class(
     rng = np.random.default_rng(class_seed(seed, class_name))
     channels = [info.channels for info in backbone.feature_info]
     model = PCSNet(channels, cfg, rotation=class_name in cfg.rotation_classes).to(support.device)
-    clean_levels = extract_levels(backbone, support)  # cached once: the backbone is frozen
-    model.set_prototypes(clean_levels)  # C from the initial descriptor, as the original
+    # paper mode: crop what arrives at the resize size (support given at image_size, e.g. by a caller that squashed
+    # it already, is used as it is)
+    crop = cfg.image_size if cfg.resolved_resize() and support.shape[-1] > cfg.image_size else None
+    clean_levels = extract_levels(backbone, center_crop(support, crop).contiguous())  # once: the backbone is frozen
+    proto_chunk = cfg.batch_size if cfg.prototype_bn == "train" else 8  # train-mode BN: the original's loader batch
+    model.set_prototypes(clean_levels, chunk=proto_chunk)  # C from the initial descriptor, as the original
     if cfg.r_init == "auto":
         with torch.no_grad():
             model.eval()  # BN of the rotation variant: no running-stat update
             model.init_radius(knn_distances(model.descriptor(clean_levels), model.prototypes, model.nn_loss))
     params = nsa_params(class_name, cfg.nsa_default_bounds, cfg.nsa_default_patches)
-    source = PseudoAnomalySource(backbone, support, class_name, rng, cfg.aug_pool, params)
+    source = PseudoAnomalySource(backbone, support, class_name, rng, cfg.aug_pool, params, crop=crop)
     opt = build_optimizer(model, cfg)
     model.train()
     history = []
     for epoch in tqdm(range(cfg.epochs), desc=f"train {class_name}", disable=not progress, leave=False):
         if cfg.refresh_prototypes and epoch > 0 and epoch % cfg.refresh_prototypes == 0:
-            model.set_prototypes(clean_levels)
+            model.set_prototypes(clean_levels, chunk=proto_chunk)
         order = torch.from_numpy(rng.permutation(len(support)))
-        steps = [train_step(model, [lv[idx] for lv in clean_levels], *source.sample(idx), cfg, opt)
+        steps = [train_step(model, [lv[idx] for lv in clean_levels], *source.sample(idx), cfg, opt, rng=rng)
                  for idx in order.split(cfg.batch_size)]  # fmt: skip
         history.append({key: float(np.mean([s[key] for s in steps])) for key in steps[0]})
-    model.eval()
-    with torch.no_grad():  # scale of the PFA map on the clean support (used only by --fuse-pfa)
-        out = model(clean_levels)
-        model.pfa_scale.fill_(float(model.pfa_map(out["knn"]).amax().clamp_min(1e-6)))
+        if on_eval is not None and epoch % cfg.eval_every == 0:
+            with torch.random.fork_rng(devices=[support.device] if support.device.type == "cuda" else []):
+                _set_pfa_scale(model.eval(), clean_levels)
+                on_eval(epoch, model)
+            model.train()
+    _set_pfa_scale(model.eval(), clean_levels)
     return model, history
+
+
+@torch.no_grad()
+def _set_pfa_scale(model: PCSNet, clean_levels: Levels) -> None:
+    """Scale of the PFA map on the clean support (used only by --fuse-pfa); model in eval mode."""
+    model.pfa_scale.fill_(1.0)  # pfa_map divides by the current scale: measure the raw map
+    out = model(clean_levels)
+    model.pfa_scale.fill_(float(model.pfa_map(out["knn"]).amax().clamp_min(1e-6)))
 
 
 class PCSNetDetector:
@@ -180,6 +251,7 @@ class PCSNetDetector:
         save_dir: checkpoints go to SAVE_DIR/checkpoints/<class>.pt when given and cfg.save_checkpoints.
         support_paths: maps a class to its support image paths (recorded in the checkpoint).
         progress: tqdm bars.
+        on_eval: called as on_eval(class, epoch, model) at the original's test points (--select best-of-evals).
     """
 
     def __init__(
@@ -190,8 +262,10 @@ class PCSNetDetector:
         save_dir: str | Path | None = None,
         support_paths: Callable[[str], list[str]] | None = None,
         progress: bool = True,
+        on_eval: Callable[[str, int, PCSNet], None] | None = None,
     ):
         self.backbone, self.cfg, self.seed = backbone, cfg, seed
+        self.on_eval = on_eval  # (class, epoch, model): the intermediate test passes of --select best-of-evals
         self.save_dir = Path(save_dir) if save_dir else None
         self.support_paths, self.progress = support_paths, progress
         self.model: PCSNet | None = None
@@ -201,7 +275,9 @@ class PCSNetDetector:
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
         """Train the class model on (k, 3, S, S) support images and save its checkpoint."""
         start = time.perf_counter()
-        self.model, history = train_class(self.backbone, self.cfg, class_name, support_images, self.seed, self.progress)
+        hook = None if self.on_eval is None else lambda epoch, model: self.on_eval(class_name, epoch, model)
+        self.model, history = train_class(self.backbone, self.cfg, class_name, support_images, self.seed, self.progress,
+                                          on_eval=hook)  # fmt: skip
         self.train_seconds[class_name] = time.perf_counter() - start
         self.histories[class_name] = history
         if self.save_dir is not None and self.cfg.save_checkpoints:
@@ -227,26 +303,57 @@ class PCSNetDetector:
         return None, anomaly_map
 
 
+CHECKPOINT_FORMAT = "pcsnet-checkpoint/2"  # v2: format tag, tensors only (weights_only loading), fp16 option
+
+
 def save_checkpoint(
     path: Path, model: PCSNet, cfg: PCSNetConfig, class_name: str, support: list[str], history: list[dict]
 ) -> Path:
-    """Atomically write the class model with its resolved config, support paths and loss history."""
+    """Atomically write the class model with its resolved config, support paths and loss history.
+
+    Plain types and tensors only, so `load_checkpoint` reads it with `weights_only=True`. Floating tensors are
+    stored in `cfg.checkpoint_dtype` (fp16 halves the ~480 MB of a paper-width CAS; fp32 is exact).
+    """
+    dtype = torch.float16 if cfg.checkpoint_dtype == "fp16" else None
+    weights = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+               for k, v in model.state_dict().items()}  # fmt: skip
     state = {
+        "format": CHECKPOINT_FORMAT,
+        "dtype": cfg.checkpoint_dtype,
         "config": config_to_dict(cfg),
         "class_name": class_name,
-        "backbone_channels": model.backbone_channels,
+        "backbone_channels": list(model.backbone_channels),
         "rotation": class_name in cfg.rotation_classes,
         "support": list(support),
         "history": history,
-        "state_dict": model.state_dict(),
+        "state_dict": weights,
     }
     return atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[PCSNet, PCSNetConfig, dict]:
-    """Rebuild a class model from `save_checkpoint`'s file. Returns (model in eval mode, config, raw dict)."""
-    state = torch.load(path, map_location=device, weights_only=False)
+    """Rebuild a class model from `save_checkpoint`'s file. Returns (model in eval mode, config, raw dict).
+
+    The file is read with `weights_only=True` (no arbitrary pickled objects run). Untagged files of the first
+    format (the same keys, fp32) still load. fp16 weights are cast back to the model's fp32.
+
+    Raises:
+        UserError: unreadable file, pickled objects, another format tag, or weights that do not fit.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # UnpicklingError for objects outside the allow-list, OSError/RuntimeError otherwise
+        raise UserError(f"cannot read PCSNet checkpoint {path} with weights_only=True: "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc  # fmt: skip
+    if not isinstance(state, dict) or "state_dict" not in state or "config" not in state:
+        raise UserError(f"{path} is not a PCSNet checkpoint (no state_dict/config)")
+    tag = state.get("format", "pcsnet-checkpoint/1")
+    if tag not in ("pcsnet-checkpoint/1", CHECKPOINT_FORMAT):
+        raise UserError(f"{path} has checkpoint format {tag!r}; this version reads {CHECKPOINT_FORMAT!r}")
     cfg = load_config(overrides=state["config"])
     model = PCSNet(state["backbone_channels"], cfg, rotation=state["rotation"]).to(device)
-    model.load_state_dict(state["state_dict"])
+    try:
+        model.load_state_dict(state["state_dict"])  # copy_ casts fp16 -> fp32
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path} does not fit its own config: {str(exc).splitlines()[0]}") from exc
     return model.eval(), cfg, state
