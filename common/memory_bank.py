@@ -9,11 +9,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from common.utils import capturing_graph
+
 METRICS = ("cosine", "l2")
 BACKENDS = ("torch", "faiss", "auto")
 
 
 def has_faiss() -> bool:
+    """faiss is installed and usable here: False while a graph is captured (ONNX export), which cannot record it."""
+    if capturing_graph():
+        return False
     try:
         import faiss  # noqa: F401
     except ImportError:
@@ -95,7 +100,7 @@ def nearest_neighbors(
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":  # faiss measured ~2.5x faster than the torch matmul for L2 on 2 CPU cores
         backend = "faiss" if query.device.type == "cpu" and has_faiss() else "torch"
-    if backend == "faiss" and query.device.type == "cpu":
+    if backend == "faiss" and query.device.type == "cpu" and not capturing_graph():
         return _faiss_knn(query, bank, k, metric)
     return _torch_knn(query, bank.to(query.dtype), k, metric, chunk_size)
 
