@@ -31,14 +31,15 @@ def _torch_knn(query: torch.Tensor, bank: torch.Tensor, k: int, metric: str, chu
     bank_sq = (bank * bank).sum(1) if metric == "l2" else None
     for start in range(0, query.shape[0], chunk_size):
         q = query[start : start + chunk_size]
-        sim = q @ bank.T  # (n, M)
         if metric == "cosine":
+            sim = q @ bank.T  # (n, M)
             # k = 1 (FDSL, PatchCore): max is several times faster than topk on CPU
             val, idx = sim.max(dim=1, keepdim=True) if k == 1 else sim.topk(k, dim=1, largest=True)
             dists.append(1.0 - val)
         else:
-            # ||q - m||^2 = |q|^2 + |m|^2 - 2 q.m, clamped at 0 before the root (rounding can go negative)
-            sq = (q * q).sum(1, keepdim=True) + bank_sq[None, :] - 2.0 * sim
+            # ||q - m||^2 = |q|^2 + |m|^2 - 2 q.m; |q|^2 is the same for every m, so the ranking needs only
+            # |m|^2 - 2 q.m: one fused multiply-add (ONNX Gemm), no (n, M) passes for |q|^2 and the subtraction
+            sq = torch.addmm(bank_sq[None, :], q, bank.T, alpha=-2.0)
             idx = sq.argmin(dim=1, keepdim=True) if k == 1 else sq.topk(k, dim=1, largest=False)[1]
             # The identity loses precision near 0 (and sqrt magnifies it): recompute the k chosen exactly.
             dists.append((q[:, None, :] - bank[idx]).norm(dim=2))
