@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {
     "knn": {"image_size": 64},
     "fdsl": {"image_size": 64},
+    "fdsl-map": {"image_size": 64, "image_score": "map", "fd_weight": 0.5},  # the demo's FDSL setting
     "pcsnet": {"image_size": 64, "epochs": 1, "cas_width": 8, "aug_pool": 1},
 }
 
@@ -64,14 +65,16 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("method", ["knn", "fdsl", "pcsnet"])
-def test_onnx_graph_equals_the_predict_path(parts, method, tmp_path):
+@pytest.mark.parametrize("setting", list(OPTIONS))
+def test_onnx_graph_equals_the_predict_path(parts, setting, tmp_path):
     refs, queries, _ = parts
-    predictor = api.build_detector(method, refs, **OPTIONS[method])
-    export_predictor(predictor, tmp_path, method, OPTIONS[method])
+    method = setting.split("-")[0]
+    predictor = api.build_detector(method, refs, **OPTIONS[setting])
+    export_predictor(predictor, tmp_path, method, OPTIONS[setting])
     spec = json.loads((tmp_path / "preprocess.json").read_text())
     assert spec["image_size"] == 64 and spec["mean"] == pytest.approx(list(predictor.detector.mean))
     assert spec["threshold"] == predictor.threshold and len(spec["loo_scores"]) == 3  # the predict path's LOO
+    assert spec["score_is_map_max"] == (setting != "fdsl")  # FDSL's own score by default, the map max otherwise
     model = onnx.load(str(tmp_path / "model.onnx"))
     assert [i.name for i in model.graph.input] == ["image"]  # bank / prototypes / head are constants inside
     assert [o.name for o in model.graph.output] == ["anomaly_map", "pred_score"]
