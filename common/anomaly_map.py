@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.utils import capturing_graph
+
 # SPADE / PaDiM / PatchCore convention, also used by PCSNet and AnomalyDINO: gaussian sigma = 4 px.
 GAUSSIAN_SIGMA = 4.0
 
@@ -16,7 +18,8 @@ def upsample_map(anomaly_map: torch.Tensor, size: int | tuple[int, int], align_c
     """Bilinear resize of (B, h, w) or (B, 1, h, w) maps to (B, H, W)."""
     if anomaly_map.ndim == 3:
         anomaly_map = anomaly_map[:, None]
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    # a square side may be an int or, while tracing (ONNX export), the 0-d tensor of `images.shape[-1]`
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     out = F.interpolate(anomaly_map.float(), size=size, mode="bilinear", align_corners=align_corners)
     return out[:, 0]
 
@@ -31,10 +34,10 @@ def _gaussian_kernel1d(sigma: float, device, dtype) -> torch.Tensor:
 def gaussian_smooth(maps: torch.Tensor, sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
     """Separable gaussian blur of (B, H, W) maps with reflect padding, equal to scipy's gaussian_filter
     (mode='reflect', truncate=4) up to float error: OpenCV on CPU, two 1-D convolutions on the maps' GPU (or when
-    a gradient is needed). Returns float32 maps on the input's device."""
+    a gradient is needed, or a graph is captured for ONNX export). Returns float32 maps on the input's device."""
     if sigma <= 0:
         return maps
-    if maps.device.type == "cpu" and maps.shape[0] > 0 and not maps.requires_grad:
+    if maps.device.type == "cpu" and maps.shape[0] > 0 and not maps.requires_grad and not capturing_graph():
         return _gaussian_smooth_cv2(maps, sigma)
     return _gaussian_smooth_torch(maps, sigma)
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from common.utils import capturing_graph
+
 METRICS = ("cosine", "l2")
 BACKENDS = ("torch", "faiss", "auto")
 
 
 def has_faiss() -> bool:
+    """faiss is installed and usable here: False while a graph is captured (ONNX export), which cannot record it."""
+    if capturing_graph():
+        return False
     try:
         import faiss  # noqa: F401
     except ImportError:
@@ -26,14 +31,15 @@ def _torch_knn(query: torch.Tensor, bank: torch.Tensor, k: int, metric: str, chu
     bank_sq = (bank * bank).sum(1) if metric == "l2" else None
     for start in range(0, query.shape[0], chunk_size):
         q = query[start : start + chunk_size]
-        sim = q @ bank.T  # (n, M)
         if metric == "cosine":
+            sim = q @ bank.T  # (n, M)
             # k = 1 (FDSL, PatchCore): max is several times faster than topk on CPU
             val, idx = sim.max(dim=1, keepdim=True) if k == 1 else sim.topk(k, dim=1, largest=True)
             dists.append(1.0 - val)
         else:
-            # ||q - m||^2 = |q|^2 + |m|^2 - 2 q.m, clamped at 0 before the root (rounding can go negative)
-            sq = (q * q).sum(1, keepdim=True) + bank_sq[None, :] - 2.0 * sim
+            # ||q - m||^2 = |q|^2 + |m|^2 - 2 q.m; |q|^2 is the same for every m, so the ranking needs only
+            # |m|^2 - 2 q.m: one fused multiply-add (ONNX Gemm), no (n, M) passes for |q|^2 and the subtraction
+            sq = torch.addmm(bank_sq[None, :], q, bank.T, alpha=-2.0)
             idx = sq.argmin(dim=1, keepdim=True) if k == 1 else sq.topk(k, dim=1, largest=False)[1]
             # The identity loses precision near 0 (and sqrt magnifies it): recompute the k chosen exactly.
             dists.append((q[:, None, :] - bank[idx]).norm(dim=2))
@@ -95,7 +101,7 @@ def nearest_neighbors(
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":  # faiss measured ~2.5x faster than the torch matmul for L2 on 2 CPU cores
         backend = "faiss" if query.device.type == "cpu" and has_faiss() else "torch"
-    if backend == "faiss" and query.device.type == "cpu":
+    if backend == "faiss" and query.device.type == "cpu" and not capturing_graph():
         return _faiss_knn(query, bank, k, metric)
     return _torch_knn(query, bank.to(query.dtype), k, metric, chunk_size)
 

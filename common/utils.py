@@ -31,6 +31,17 @@ class UserError(Exception):
 # should start in a fraction of a second.
 
 
+def capturing_graph() -> bool:
+    """True while torch records a graph (ONNX export, `torch.jit.trace`, `torch.export`/`torch.compile`).
+
+    Code with a faster path outside torch (faiss, OpenCV) takes its torch path then: an outside call cannot be
+    recorded, and the torch path computes the same values (export/ relies on this; tests/test_export.py checks it).
+    """
+    import torch
+
+    return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) global generators."""
     import numpy as np
