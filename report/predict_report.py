@@ -35,14 +35,13 @@ def threshold_text(info: dict, threshold: float | None) -> str:
 def _card(path: str, score: float, decision: str, anomaly_map, scale: tuple[float, float]) -> str:
     image = im.read_rgb(path, max_side=PREDICT_THUMB)
     name = Path(path).name
-    if image is None or anomaly_map is None:
-        image = im.placeholder((PREDICT_THUMB, PREDICT_THUMB))
-        heat = image
+    if image is None or anomaly_map is None:  # unreadable then, or moved since: one grey tile
+        tags = im.img_tag(im.encode(im.placeholder((PREDICT_THUMB, PREDICT_THUMB))), f"unreadable {name}")
     else:
         heat = im.overlay(image, im.colorize(im.resize_map(anomaly_map, image.shape[:2]), *scale))
+        tags = im.img_tag(im.encode(image), f"image {name}") + im.img_tag(im.encode(heat), f"heat map {name}")
     css = "bad" if decision == "anomalous" else "ok" if decision == "normal" else "muted"
     score_text = "-" if not np.isfinite(score) else f"{score:.4g}"
-    tags = im.img_tag(im.encode(image), f"image {name}") + im.img_tag(im.encode(heat), f"heat map {name}")
     caption = f'{esc(name)} &middot; score <b>{score_text}</b> &middot; <span class="{css}">{esc(decision)}</span>'
     return f'<figure class="ex">{tags}<figcaption>{caption}</figcaption></figure>'
 
