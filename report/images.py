@@ -12,10 +12,10 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
-THUMB = 144  # pixels per side of an example panel (the report stays small; click nothing, it is all inline)
+THUMB = 128  # pixels per side of an example panel (the report stays small; click nothing, it is all inline)
 HEAT_CMAP = "inferno"
 OVERLAY_ALPHA = 0.5
-JPEG_QUALITY = 82
+JPEG_QUALITY = 75
 
 
 def read_rgb(path: str | Path, max_side: int | None = None) -> np.ndarray | None:

@@ -2,6 +2,8 @@
 each run linking to its report.html.
 
     python -m report RUN_DIR [RUN_DIR ...] --index OUT.html     # RUN_DIR holds results.json (or give the file)
+
+A folder holding a predict run's threshold.json (and no results.json) is listed under "Predict runs".
 """
 
 from __future__ import annotations
@@ -18,10 +20,28 @@ from report.run_report import METRIC_COLUMNS
 
 def _results_path(source: str) -> Path:
     path = Path(source)
+    if path.is_dir() and not (path / "results.json").is_file() and (path / "threshold.json").is_file():
+        return path / "threshold.json"  # a predict run
     path = path / "results.json" if path.is_dir() else path
     if not path.is_file():
         raise UserError(f"no results.json at {path} (give run folders or results.json files)")
     return path
+
+
+def _link(report: Path, out: Path, name: str) -> str:
+    link = os.path.relpath(report, out.parent).replace(os.sep, "/")
+    missing = f'{name} <span class="muted">(no report)</span>'
+    return f'<a href="{esc(link)}">{name}</a>' if report.is_file() else missing
+
+
+def _predict_row(path: Path, out: Path) -> list[str]:
+    try:
+        info = json.loads(path.read_text())
+        value, rule = info["value"], info["rule"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a predict threshold.json ({exc})") from exc
+    return [_link(path.parent / "report.html", out, esc(path.parent.name)), esc(info.get("method")),
+            esc(len(info.get("references") or [])), f"{value:.4g}", esc(rule)]  # fmt: skip
 
 
 def run_label(results: dict, path: Path) -> str:
@@ -35,19 +55,18 @@ def run_label(results: dict, path: Path) -> str:
 def write_index(out: str | Path, sources: list[str]) -> Path:
     """Write the index page `out` linking every run's report.html (relative links: the tree can move)."""
     out = Path(out)
-    rows = []
+    rows, predict_rows = [], []
     for source in sources:
         path = _results_path(source)
+        if path.name == "threshold.json":
+            predict_rows.append(_predict_row(path, out))
+            continue
         try:
             results = json.loads(path.read_text())
             mean, timing = results["mean"], results.get("timing", {})
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise UserError(f"{path} is not a results.json ({exc})") from exc
-        report = path.parent / "report.html"
-        link = os.path.relpath(report, out.parent).replace(os.sep, "/")
-        name = esc(run_label(results, path))
-        missing = f'{name} <span class="muted">(no report)</span>'
-        cell = f'<a href="{esc(link)}">{name}</a>' if report.is_file() else missing
+        cell = _link(path.parent / "report.html", out, esc(run_label(results, path)))
         spi = timing.get("test_seconds_per_image") or timing.get("seconds_per_image")
         dataset = Path(str(results.get("dataset_root", ""))).name
         rows.append((dataset, str(results.get("method")), [
@@ -62,6 +81,8 @@ def write_index(out: str | Path, sources: list[str]) -> Path:
         + '<p class="muted">Each run name opens its report: per-class curves, score histograms and the worst '
         "cases as image / ground truth / heat map / overlay.</p>"
     )
+    if predict_rows:
+        body += "<h2>Predict runs</h2>" + table(["run", "method", "references", "threshold", "rule"], predict_rows, 2)
     return write_page(out, "fsad runs", body)
 
 

@@ -19,7 +19,7 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}
 .ex img{display:inline-block;margin-right:2px}.ex figcaption{font-size:12px;max-width:600px;word-break:break-all}
 .plot{max-width:100%}.muted{color:#777}.bad{color:#b40426;font-weight:bold}.ok{color:#2c7a3f;font-weight:bold}
 .heads span{display:inline-block;font-size:11px;color:#555;text-align:center}
-nav a{margin-right:1em}
+.row{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}
 """
 
 
@@ -46,7 +46,12 @@ def settings_table(items: dict) -> str:
     """Key / value rows: scalars as text, lists and dicts as compact JSON."""
     rows = []
     for key, value in items.items():
-        text = value if isinstance(value, (str, int, float, bool, type(None))) else json.dumps(value, default=str)
+        if isinstance(value, float):
+            text = f"{value:.4g}"
+        elif isinstance(value, (str, int, bool, type(None))):
+            text = value
+        else:
+            text = json.dumps(value, default=str)
         rows.append([esc(key), esc(text)])
     return table(["setting", "value"], rows, left=2)
 

@@ -133,11 +133,12 @@ def write_report(
             for c, m in per_class.items()]  # fmt: skip
     rows.append(["<b>mean</b>"] + [fmt_metric(results.get("mean", {}).get(k)) for _, k in METRIC_COLUMNS])
     body = [
-        "<h2>Settings</h2>",
-        settings_table(_settings(results)),
-        "<h2>Metrics (%)</h2>",
+        '<div class="row"><div><h2>Metrics (%)</h2>',
         table(["class"] + [c for c, _ in METRIC_COLUMNS], rows),
         '<p class="muted">F1-max uses an oracle threshold (the best one on the test labels): not a deployable F1.</p>',
+        "</div><div><h2>Settings</h2>",
+        settings_table(_settings(results)),
+        "</div></div>",
     ]
     for name in per_class:
         section = rendered.get(name, '<p class="muted">no examples recorded for this class (resumed run).</p>')
