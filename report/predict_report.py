@@ -34,7 +34,7 @@ def threshold_text(info: dict, threshold: float | None) -> str:
 
 def _card(path: str, score: float, decision: str, anomaly_map, scale: tuple[float, float]) -> str:
     image = im.read_rgb(path, max_side=PREDICT_THUMB)
-    name = Path(path).name
+    name = "/".join(Path(path).parts[-2:])  # the folder too: good/005.png and hole/005.png are two images
     if image is None or anomaly_map is None:  # unreadable then, or moved since: one grey tile
         tags = im.img_tag(im.encode(im.placeholder((PREDICT_THUMB, PREDICT_THUMB))), f"unreadable {name}")
     else:

@@ -86,7 +86,9 @@ def render_class_section(records: ClassRecords, max_images: int = DEFAULT_MAX_IM
         chosen = selection[key]
         if chosen:
             figures = "".join(_example(records, i, thumb, vmin, vmax) for i in chosen)
-            parts.append(f'<h3>{esc(title)}</h3><div class="heads">{heads}</div><div class="grid">{figures}</div>')
+            anchor = f"c-{esc(records.class_name)}-{key}"
+            parts.append(f'<h3 id="{anchor}">{esc(title)}</h3><div class="heads">{heads}</div>'
+                         f'<div class="grid">{figures}</div>')  # fmt: skip
     return "\n".join(parts)
 
 

@@ -121,11 +121,12 @@ def _errors(events: list[dict]) -> list[str]:
 
 
 def check_page(
-    page: str | Path, screenshot: str | Path | None = None, width: int = 1280, height: int = 1600
+    page: str | Path, screenshot: str | Path | None = None, width: int = 1280, height: int = 1600,
+    scroll_to: str | None = None,
 ) -> dict:
     """Load `page` from disk; return {"images": [(alt, complete, naturalWidth)], "errors": [...], "title": str}.
 
-    `screenshot`: a PNG of the top `width` x `height` pixels of the page.
+    `screenshot`: a PNG of the `width` x `height` viewport, at the top or scrolled to the element id `scroll_to`.
     """
     binary = find_chromium()
     if binary is None:
@@ -143,6 +144,9 @@ def check_page(
             browser.wait_event("Page.loadEventFired")
             value = browser.send("Runtime.evaluate", {"expression": IMAGES_JS, "returnByValue": True}, session)
             title = browser.send("Runtime.evaluate", {"expression": "document.title", "returnByValue": True}, session)
+            if scroll_to:
+                js = f"document.getElementById({json.dumps(scroll_to)}).scrollIntoView()"
+                browser.send("Runtime.evaluate", {"expression": js}, session)
             if screenshot:
                 shot = browser.send("Page.captureScreenshot", {"format": "png"}, session)
                 Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
@@ -159,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("page", type=Path)
     parser.add_argument("--screenshot", type=Path)
+    parser.add_argument("--height", type=int, default=1600, help="viewport height of the screenshot (px)")
+    parser.add_argument("--scroll-to", help="element id to scroll to before the screenshot")
     args = parser.parse_args(argv)
     if not args.page.is_file():
         print(f"error: no such page {args.page}", file=sys.stderr)
         return 2
-    result = check_page(args.page, args.screenshot)
+    result = check_page(args.page, args.screenshot, height=args.height, scroll_to=args.scroll_to)
     broken = [alt for alt, complete, width in result["images"] if not complete or width == 0]
     print(f"{result['title']}: {len(result['images'])} images, {len(broken)} broken, {len(result['errors'])} errors")
     for line in broken + result["errors"]:

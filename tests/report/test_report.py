@@ -136,7 +136,7 @@ def test_predict_report_every_image_sorted_by_score(dataset, tmp_path):
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     text = (out / "report.html").read_text()
     shown = re.findall(r"score <b>([-0-9.e+]+)</b>", text)
-    assert shown[-1] == "-" and "broken.png &middot; score <b>-</b>" in text  # the unreadable file comes last
+    assert shown[-1] == "-" and "in/broken.png &middot; score <b>-</b>" in text  # the unreadable file comes last
     shown = [float(s) for s in shown[:-1]]
     readable = [float(r["score"]) for r in rows if r["score"]]
     assert len(shown) == len(readable) == 6
