@@ -57,3 +57,12 @@ def test_sample_pixels_caps_and_keeps_pairs_aligned():
     assert values.size == 100 and np.array_equal(labels, values % 2 == 1)
     values, labels = sample_pixels(maps, masks, n=5000)
     assert values.size == 1000
+
+
+def test_thin_keeps_the_ends_and_at_most_n_points():
+    from report.plots import thin
+
+    x, y = np.arange(10_001, dtype=float), np.arange(10_001, dtype=float) ** 2
+    tx, ty = thin(x, y, n=100)
+    assert tx.size <= 100 and tx[0] == 0 and tx[-1] == 10_000 and np.array_equal(ty, tx**2)
+    assert thin(x[:50], n=100)[0].size == 50
