@@ -18,7 +18,8 @@ class ClassRecords(NamedTuple):
     gt_labels: np.ndarray  # (N,) 0 normal / 1 anomalous
     pred_scores: np.ndarray  # (N,) image scores, higher = more anomalous
     anomaly_maps: np.ndarray  # (N, H, W) float32 at the evaluation size
-    gt_masks: np.ndarray | None  # (N, H, W) uint8 0/1, None when the class has no masks
+    gt_masks: np.ndarray | None  # (N, H, W) uint8 0/1, None when the class has no masks; all 0 = unknown for an
+    # anomalous image (left out of the pixel curves, as from the pixel metrics)
     metrics: dict  # the class's results.json metrics
 
 

@@ -42,7 +42,8 @@ def _example(records: ClassRecords, i: int, size: int, vmin: float, vmax: float)
     image = im.placeholder((size, size)) if image is None else im.resize_rgb(image, (size, size))
     heat_map = im.resize_map(records.anomaly_maps[i], (size, size))
     mask = None
-    if records.gt_masks is not None:
+    known = records.gt_masks is not None and (not records.gt_labels[i] or records.gt_masks[i].any())
+    if known:  # an anomaly with an all-zero mask has no mask (a defect folder without ground truth)
         mask = im.resize_map(records.gt_masks[i].astype(np.float32), (size, size), nearest=True) > 0.5
     heat = im.colorize(heat_map, vmin, vmax)
     truth = (mask.astype(np.uint8) * 255) if mask is not None else np.full((size, size), 40, np.uint8)
@@ -67,7 +68,10 @@ def render_class_section(records: ClassRecords, max_images: int = DEFAULT_MAX_IM
     pixel = None
     sample = maps.reshape(-1)[:: max(1, maps.size // 100_000)]  # heat-map colour scale of the class
     if records.gt_masks is not None and np.asarray(records.gt_masks).any():
-        pixel = sample_pixels(maps, records.gt_masks)
+        masks = np.asarray(records.gt_masks)
+        # as the pixel metrics: normal images, and anomalies whose mask is known (an unknown one is all zero)
+        keep = ~labels | masks.reshape(len(masks), -1).any(axis=1)
+        pixel = sample_pixels(maps[keep], masks[keep])
     vmin = float(sample.min()) if sample.size else 0.0
     vmax = float(np.quantile(sample, 0.999)) if sample.size else 1.0
     threshold = f1_max_threshold(scores, labels)

@@ -181,3 +181,14 @@ def test_index_bad_input_is_one_line_exit_2(tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: no results.json")
     assert not (tmp_path / "i.html").exists()
+
+
+def test_anomaly_without_mask_is_left_out_of_the_pixel_curves(tmp_path):
+    records = make_class(tmp_path / "data", n_normal=4, n_anomalous=4)  # 32 x 32 maps, 64-pixel masks
+    masks = records.gt_masks.copy()
+    masks[-1] = 0  # the last anomaly's mask is unknown
+    partial = records._replace(gt_masks=masks)
+    text = write_report(tmp_path / "run", results_for([partial], tmp_path / "data"), [partial], max_images=4)
+    text = text.read_text()
+    assert f"a sample of {7 * 32 * 32} pixels" in text  # 8 images, one left out
+    assert sum(i["alt"] == "ground truth 007.png (no mask)" for i in page_images(tmp_path / "run" / "report.html"))
