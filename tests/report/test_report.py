@@ -192,3 +192,12 @@ def test_anomaly_without_mask_is_left_out_of_the_pixel_curves(tmp_path):
     text = text.read_text()
     assert f"a sample of {7 * 32 * 32} pixels" in text  # 8 images, one left out
     assert sum(i["alt"] == "ground truth 007.png (no mask)" for i in page_images(tmp_path / "run" / "report.html"))
+
+
+def test_class_without_records_keeps_its_metrics_and_support(tmp_path):
+    """A class restored by main.py --resume has no maps: its section says so, the others are complete."""
+    done, fresh = make_class(tmp_path / "data", "done"), make_class(tmp_path / "data", "fresh")
+    text = write_report(tmp_path / "run", results_for([done, fresh], tmp_path / "data"), [fresh], max_images=1)
+    sections = text.read_text().split('<section id="c-')[1:]
+    assert sections[0].startswith("done") and "no examples recorded" in sections[0] and "support" in sections[0]
+    assert sections[1].startswith("fresh") and "no examples recorded" not in sections[1] and "ROC" in sections[1]
