@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # repo root, so `common`/`pcsnet` import from anywhere
 
+from common.evaluation import add_report_arguments, report_images_option, write_run_report  # noqa: E402
 from common.utils import (  # noqa: E402
     PRECISIONS,
     UserError,
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="record each finished class in OUT/classes/<class>.json and skip the classes recorded there by an "
         "earlier run with the same options (refuses records from other options)",
     )
+    add_report_arguments(p)
     return p
 
 
@@ -148,6 +150,7 @@ def check_args(args: argparse.Namespace) -> None:
                             "paper protocol)")  # fmt: skip
     if args.k_shot < 1:
         raise UserError(f"--k-shot must be at least 1, got {args.k_shot}")
+    report_images_option(args.report_images, args.no_report)
     resolve_workers(args.num_workers)  # a negative count fails here, before any model work
     root = Path(args.data_root)
     if not root.is_dir():
@@ -271,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=resolve_workers(cfg.num_workers, device),
         smooth_sigma=cfg.smooth_sigma, device=device, vis_dir=args.vis_dir, class_done=record if args.resume else None,
         resize_size=cfg.resolved_resize(), resample=cfg.resample,
+        report_images=report_images_option(args.report_images, args.no_report),
     )  # fmt: skip
     selector = None
     if cfg.select == "best-of-evals":
@@ -329,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed.cleanup()
     if distributed.is_main():
         write_results(save_dir, results, log)
+        write_run_report(save_dir, results, per_class, eval_cfg.report_images)
         print(Path(save_dir, "log.txt").read_text())
     return 0
 

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 from common.anomaly_map import GAUSSIAN_SIGMA
 from common.backbones import align_features, build_backbone, resolve_image_size
-from common.evaluation import EvalConfig, check_eval_inputs, evaluate, timing_breakdown
+from common.evaluation import (
+    EvalConfig,
+    add_report_arguments,
+    check_eval_inputs,
+    evaluate,
+    report_images_option,
+    timing_breakdown,
+    write_run_report,
+)
 from common.memory_bank import MemoryBank
 from common.results import build_results, format_table, write_results
 from common.utils import (
@@ -108,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone forward: fp32, or bf16 / fp16 autocast (fp16: CUDA only)")  # fmt: skip
     p.add_argument("--vis", action="store_true", help="save image | heat-map panels under SAVE_DIR/vis")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_report_arguments(p)
     return p
 
 
@@ -120,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--coreset must be in (0, 1] (got {args.coreset})")
     if args.image_size is not None and args.image_size < 1:
         raise UserError(f"--image-size must be positive (got {args.image_size})")
+    report_images = report_images_option(args.report_images, args.no_report)
     device = parse_device(args.device)
     workers = resolve_workers(args.num_workers, device)
     layers = parse_int_list(args.layers, "--layers")
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EvalConfig(
         args.dataset_root, args.k_shot, args.seed, size, backbone.mean, backbone.std, classes,
         batch_size=args.batch_size, smooth_sigma=GAUSSIAN_SIGMA, device=device, num_workers=workers,
-        vis_dir=f"{args.save_dir}/vis" if args.vis else None,
+        vis_dir=f"{args.save_dir}/vis" if args.vis else None, report_images=report_images,
     )  # fmt: skip
     per_class, seconds = evaluate(detector, cfg, progress=not args.quiet)
     results = build_results(
@@ -147,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         timing=timing_breakdown(per_class),
     )  # fmt: skip
     write_results(args.save_dir, results)
+    report = write_run_report(args.save_dir, results, per_class, report_images)
     print(format_table(results))
-    print(f"results: {args.save_dir}/results.json  ({results['timing']['seconds_per_image']:.3f} s/image)")
+    print(f"results: {args.save_dir}/results.json  ({results['timing']['seconds_per_image']:.3f} s/image)"
+          + (f"  report: {report}" if report else ""))  # fmt: skip
     return 0
 
 

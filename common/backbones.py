@@ -234,7 +234,6 @@ WRN_EXPORTS = ("relu", "leaky_relu")
 # PCSNet/CFA backbone wrapper (design/pcsnet.md section 1): the exported layer outputs are leaky_relu (slope 0.01)
 # of the last block's pre-activation sum; the next layer still sees the ReLU, as in torchvision.
 WRN_LEAKY_SLOPE = 0.01
-RANDOM_WEIGHTS = "random"  # `--pretrained random`: the architecture with seeded random weights (tests, GPU check)
 
 
 class WideResNetBackbone(Backbone):

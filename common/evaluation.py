@@ -62,6 +62,7 @@ class EvalConfig:
     # there and crops them itself, as the original). None = squash to image_size.
     resize_size: int | None = None
     resample: str = "bicubic"  # image resize filter (PCSNet paper mode: lanczos, PIL's ANTIALIAS)
+    report_images: int | None = None  # report.html examples per group; None = no report (see write_run_report)
 
 
 @dataclass
@@ -191,8 +192,14 @@ def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tupl
         metrics = compute_metrics(score_np, label_np, map_np, torch.cat(masks).numpy(), torch.cat(known).numpy())
         if cfg.vis_dir:
             _save_panels(Path(cfg.vis_dir) / class_name, cfg.dataset_root, paths, map_np, size, cfg.resize_size)
+        extra = {}
+        if cfg.report_images is not None:  # report hook (issue 15), after the timing: the engine will own it
+            mask_np = torch.cat(masks).numpy().astype(np.uint8) if torch.cat(known).any() else None
+            extra["report_section"] = _report_section(cfg, class_name, paths, label_np, score_np, map_np, mask_np,
+                                                      metrics)  # fmt: skip
         out[class_name] = ClassResult(metrics, support, len(indices), seconds, setup_seconds=setup_seconds,
-                                      backbone_seconds=test_backbone, data_seconds=data_seconds)  # fmt: skip
+                                      backbone_seconds=test_backbone, data_seconds=data_seconds,
+                                      extra=extra)  # fmt: skip
         if cfg.class_done is not None:
             cfg.class_done(class_name, out[class_name])
     return out, total
@@ -258,3 +265,58 @@ def minmax_fusion(image_scores: np.ndarray, maps: np.ndarray) -> np.ndarray:
     span = peak.max() - peak.min()
     peak = (peak - peak.min()) / span if span > 0 else np.zeros_like(peak)
     return 0.5 * (image_scores + peak)
+
+
+# ---- report hook (issue 15) --------------------------------------------------------------------------------------
+# evaluate() renders each class's report section while its maps are in memory (only the HTML is kept, and it
+# travels with ClassResult across torchrun ranks); the CLIs call write_run_report() right after write_results().
+# The engine (issue 15's other half) will replace this with an observer receiving report.ClassRecords.
+DEFAULT_REPORT_IMAGES = 6
+
+
+def add_report_arguments(parser: Any) -> Any:
+    """--report-images N and --no-report for an argparse CLI (fdsl.test has them as TestConfig fields)."""
+    parser.add_argument("--report-images", type=int, default=DEFAULT_REPORT_IMAGES,
+                        help="SAVE_DIR/report.html: example images per group and class (worst normals, worst "
+                             f"anomalies; default {DEFAULT_REPORT_IMAGES}; 0 = curves and tables only)")  # fmt: skip
+    parser.add_argument("--no-report", action="store_true", help="do not write SAVE_DIR/report.html")
+    return parser
+
+
+def report_images_option(report_images: int, no_report: bool) -> int | None:
+    """EvalConfig.report_images from the flags: None with --no-report.
+
+    Raises:
+        UserError: a negative --report-images.
+    """
+    if report_images < 0:
+        raise UserError(f"--report-images must be 0 or more (got {report_images})")
+    return None if no_report else int(report_images)
+
+
+def _report_section(cfg: EvalConfig, class_name: str, paths: list[str], labels: np.ndarray, scores: np.ndarray,
+                    maps: np.ndarray, masks: np.ndarray | None, metrics: dict) -> str:  # fmt: skip
+    from report import ClassRecords, render_class_section
+
+    records = ClassRecords(class_name, [str(Path(cfg.dataset_root) / p) for p in paths], labels, scores, maps,
+                           masks, metrics)  # fmt: skip
+    return render_class_section(records, cfg.report_images)
+
+
+def write_run_report(
+    save_dir: str | Path, results: dict, per_class: dict[str, ClassResult], report_images: int | None
+) -> Path | None:
+    """SAVE_DIR/report.html beside results.json (call it after write_results). With --no-report (None), a
+    report.html left by an earlier run in SAVE_DIR is removed: it would describe other results."""
+    path = Path(save_dir) / "report.html"
+    if report_images is None:
+        path.unlink(missing_ok=True)
+        return None
+    from report import RenderedClass, write_report
+
+    sections = [RenderedClass(c, r.extra["report_section"]) for c, r in per_class.items()
+                if "report_section" in r.extra]  # fmt: skip
+    return write_report(save_dir, results, sections, max_images=report_images)
+
+
+# ---- end of the report hook --------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from common.utils import (
 from common.visualization import save_panel
 
 PANEL_MAX_SIDE = 2048  # larger images are shown downscaled in their panel (3 panels of a 6000 px photo = 18000 px)
+REPORT_MAP_SIDE = 96  # maps kept per image for report.html's thumbnails (a 1000-image run keeps 37 MB)
 CSV_COLUMNS = ("image", "width", "height", "score", "decision", "panel", "error")
 
 
@@ -88,9 +89,17 @@ def _write_panel(path: Path, image: np.ndarray, anomaly_map: np.ndarray, predict
 
 
 def run_predictions(
-    predictor: Predictor, paths: Sequence[Path], out: Path, panels: bool = True, progress: bool = True
+    predictor: Predictor,
+    paths: Sequence[Path],
+    out: Path,
+    panels: bool = True,
+    progress: bool = True,
+    report_maps: list | None = None,
 ) -> list[Prediction]:
-    """Score every image (each decoded once, in batches); write its panel; unreadable files are rows, not errors."""
+    """Score every image (each decoded once, in batches); write its panel; unreadable files are rows, not errors.
+
+    `report_maps`: when a list, each row's map is appended to it, downscaled for report.html (None if unreadable).
+    """
     rows, names = [], _panel_names(paths)
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), predictor.batch_size):
@@ -102,7 +111,12 @@ def run_predictions(
             for path, name, image, error in decoded:
                 if image is None:
                     rows.append(Prediction(str(path), error=error or "unreadable"))
+                    if report_maps is not None:
+                        report_maps.append(None)
                     continue
+                if report_maps is not None:  # report hook (issue 15): a small map per image, not the full one
+                    side = (REPORT_MAP_SIDE, REPORT_MAP_SIDE)
+                    report_maps.append(cv2.resize(maps[j], side, interpolation=cv2.INTER_AREA))
                 score, decision = float(scores[j]), "anomalous" if predictor.decide(scores[j]) else "normal"
                 row = Prediction(str(path), image.shape[1], image.shape[0], score, decision)
                 if panels:
@@ -167,6 +181,9 @@ def add_predict_arguments(parser: Any) -> Any:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="cpu, a CUDA index (0) or cuda:N")
     parser.add_argument("--no-panels", action="store_true", help="skip the PNG panels")
+    parser.add_argument("--report-images", type=int, default=None,
+                        help="OUT/report.html shows the N highest-scoring images (default: every image)")  # fmt: skip
+    parser.add_argument("--no-report", action="store_true", help="do not write OUT/report.html")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -176,6 +193,8 @@ def run_cli(args: Any, method: str, build_fn: Callable[..., Any], options: dict)
     start = time.perf_counter()
     if args.batch_size < 1 or args.margin < 0 or args.z < 0:
         raise UserError("--batch-size must be >= 1 and --margin, --z >= 0")
+    if args.report_images is not None and args.report_images < 0:
+        raise UserError(f"--report-images must be 0 or more (got {args.report_images})")
     device = parse_device(args.device)
     for flag, sources in (("--reference", args.reference), ("--images", args.images)):
         for source in sources:  # panels written into an input folder would be read as inputs next time
@@ -190,7 +209,9 @@ def run_cli(args: Any, method: str, build_fn: Callable[..., Any], options: dict)
         rule=args.threshold_rule, margin=args.margin, z=args.z, device=device, batch_size=args.batch_size,
     )  # fmt: skip
     setup_done = time.perf_counter()
-    rows = run_predictions(predictor, paths, out, panels=not args.no_panels, progress=not args.quiet)
+    report_maps = None if args.no_report else []
+    rows = run_predictions(predictor, paths, out, panels=not args.no_panels, progress=not args.quiet,
+                           report_maps=report_maps)  # fmt: skip
     seconds = (setup_done - start, time.perf_counter() - setup_done)
     info = {
         "method": method,
@@ -204,8 +225,28 @@ def run_cli(args: Any, method: str, build_fn: Callable[..., Any], options: dict)
     }
     atomic_write_json(out / "threshold.json", info)
     atomic_write_text(out / "predictions.csv", format_predictions_csv(rows))  # replaces an old one only now
+    report = _write_report(out, rows, report_maps, predictor, info, args.report_images)
     print(format_summary(rows, predictor, seconds, bad_refs))
-    print(f"predictions: {out / 'predictions.csv'}" + ("" if args.no_panels else f"  panels: {out / 'panels'}"))
+    print(f"predictions: {out / 'predictions.csv'}" + ("" if args.no_panels else f"  panels: {out / 'panels'}")
+          + (f"  report: {report}" if report else ""))  # fmt: skip
     if all(r.decision == "unreadable" for r in rows):
         raise UserError(f"none of the {len(rows)} images could be read (see {out / 'predictions.csv'})")
     return 0
+
+
+def _write_report(out: Path, rows: list[Prediction], report_maps: list | None, predictor: Predictor, info: dict,
+                  max_images: int | None) -> Path | None:  # fmt: skip
+    """Report hook (issue 15): OUT/report.html; with --no-report, or when no image could be read (the run fails),
+    a report.html left by an earlier run is removed instead."""
+    if report_maps is None or all(r.decision == "unreadable" for r in rows):
+        (out / "report.html").unlink(missing_ok=True)
+        return None
+    from report import PredictRecords, write_predict_report
+
+    records = PredictRecords(
+        [r.image for r in rows], np.array([np.nan if r.score is None else r.score for r in rows], dtype=np.float64),
+        report_maps, [r.decision for r in rows], predictor.threshold, info,
+    )  # fmt: skip
+    settings = {"method": info["method"], **info["options"]}
+    return write_predict_report(out, records, max_images=max_images, color_range=predictor.color_range,
+                                settings=settings)  # fmt: skip

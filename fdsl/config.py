@@ -161,6 +161,9 @@ class TestConfig:
     device: str | None = _opt(None, "cpu or a CUDA index such as 0 (default: CUDA if available)")
     num_workers: int | None = _opt(None, "DataLoader workers decoding test images (default: 0 on CPU, up to 4 on CUDA)")
     progress: int = _opt(1, "tqdm progress bars", choices=(0, 1))
+    report_images: int = _opt(6, "SAVE_DIR/report.html: example images per group and class; 0 = curves and tables")
+    no_report: int = _opt(0, "do not write SAVE_DIR/report.html (a bare --no-report means 1)", choices=(0, 1),
+                          nargs="?", const=1)  # fmt: skip
 
 
 def _arg_type(f: dataclasses.Field) -> type:

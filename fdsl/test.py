@@ -15,7 +15,14 @@ import torch
 
 from common import distributed
 from common.backbones import align_features, build_backbone, resolve_image_size
-from common.evaluation import EvalConfig, evaluate_sharded, minmax_fusion, timing_breakdown
+from common.evaluation import (
+    EvalConfig,
+    evaluate_sharded,
+    minmax_fusion,
+    report_images_option,
+    timing_breakdown,
+    write_run_report,
+)
 from common.few_shot import sample_support
 from common.results import build_results, format_table, write_results
 from common.utils import UserError, check_output_outside, check_writable_dir, cli_entry, parse_device, resolve_workers
@@ -41,6 +48,7 @@ TRAIN_SWITCHES = ("protocol", "recalibrate_bn", "precision_used", "tf32_used", "
 def check_test_config(cfg: TestConfig) -> None:
     if cfg.k_shot < 1:
         raise UserError(f"--k-shot must be at least 1 (got {cfg.k_shot})")
+    report_images_option(cfg.report_images, bool(cfg.no_report))
     if not 0 <= cfg.win_weight <= 1 or not 0 <= cfg.fd_weight <= 1:
         raise UserError("--win-weight and --fd-weight must be in [0, 1]")
     resolve_workers(cfg.num_workers)  # a negative count fails before any model work
@@ -142,6 +150,7 @@ def run(cfg: TestConfig) -> dict:
         device=device,
         class_score_fn=minmax_fusion if cfg.image_score == "paper" else None,
         vis_dir=f"{cfg.save_dir}/images" if cfg.save_images else None,
+        report_images=report_images_option(cfg.report_images, bool(cfg.no_report)),
     )
     per_class, seconds, memories = evaluate_sharded(
         detector, eval_cfg, bool(cfg.progress) and distributed.is_main(), payload=lambda: detector.memory
@@ -196,6 +205,7 @@ def run(cfg: TestConfig) -> dict:
     ]
     if distributed.is_main():
         write_results(cfg.save_dir, results, notes)
+        write_run_report(cfg.save_dir, results, per_class, eval_cfg.report_images)
     distributed.cleanup()
     return results
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The offline demo: set-up, build the demo datasets from pip-shipped images, run every method with the
-# EfficientNet-Lite0 backbone on the CPU, and print their tables side by side.
+# EfficientNet-Lite0 backbone on the CPU, and print their tables side by side. Every run writes a report.html beside
+# its results.json; the demo ends with runs/demo/index.html linking them all (its path is the last line printed).
 #   bash scripts/demo.sh                    # k=4, seed 0 (about 15-20 minutes on 2 cores)
 #   K_SHOT=2 SEED=1 bash scripts/demo.sh
 #   SKIP="fdsl pcsnet" bash scripts/demo.sh # only the baseline
@@ -45,6 +46,16 @@ if ! skip pcsnet; then
   runs+=("$OUT/pcsnet_surfaces_brick/results.json")
 fi
 
+echo "== predict: 4 good fabric photos as references, 12 new ones (6 good, 6 with holes) =="
+fabric=demo_data/materials/fabric
+$PY -m baseline.predict --reference "$fabric"/train/good/00[0-3].png \
+    --images "$fabric"/test/good/00[0-5].png "$fabric"/test/hole/00[0-5].png \
+    --out "$OUT/predict_fabric" --backbone "$BACKBONE" --quiet --no-panels >/dev/null
+
 echo
 echo "== summary (means over classes, %; s/img measured on this machine) =="
 $PY scripts/summarize.py "${runs[@]}"
+$PY -m report "${runs[@]}" "$OUT/predict_fabric" --index "$OUT/index.html" >/dev/null
+echo
+echo "every run's report (curves, histograms, worst cases as image / ground truth / heat map / overlay):"
+echo "$(cd "$OUT" && pwd)/index.html"

@@ -92,6 +92,8 @@ def test_clip_path_end_to_end_with_lfe(trees):
     assert all(len(paths) == 2 for paths in results["support"].values())
     assert results["image_score"].startswith("paper") and results["bank_bytes"]["window_searched_bytes"] > 0
     assert (out / "log.txt").read_text().count("|") > 10
+    report = (out / "report.html").read_text()  # issue 15: on by default, one section per class
+    assert 'id="c-a"' in report and 'id="c-b"' in report and report.count('alt="overlay ') > 0
     assert tree_digest(test_root) == before  # the dataset folder is never written
 
 
@@ -101,9 +103,10 @@ def test_cnn_path_and_options(trees):
     out = base / "cnn_test"
     code = fdsl_test.main(
         _test_args(test_root, ckpt, out, 1, 3, "--win-mode", "onlywin", "--win-size", "4", "--win-stride", "4",
-                   "--image-score", "max", "--fd-weight", "0.5", "--legacy-second-draw", "1", "--class-name", "b")
+                   "--image-score", "max", "--fd-weight", "0.5", "--legacy-second-draw", "1", "--class-name", "b",
+                   "--no-report")
     )  # fmt: skip
-    assert code == 0
+    assert code == 0 and not (out / "report.html").exists()  # a bare --no-report means 1
     results = json.loads((out / "results.json").read_text())
     assert list(results["per_class"]) == ["b"] and results["use_nam"] is False and results["win_zoom"] == 2.0
     assert results["image_score"].startswith("max") and results["fd_weight"] == 0.5
@@ -200,6 +203,7 @@ def test_drivers_end_to_end(trees, tmp_path):
     for ds in ("visa", "mvtec"):
         results = json.loads((tmp_path / f"results/{ds}/few_shot/tiny/s1shot/seed7/results.json").read_text())
         assert results["seed"] == 7 and results["win_mode"] == "mul"
+        assert (tmp_path / f"results/{ds}/few_shot/tiny/s1shot/seed7/report.html").is_file()  # the drivers too
     proc = subprocess.run(
         ["bash", str(REPO / "test_few_shot.sh"), *args[:3], "nan", *args[4:]],
         cwd=tmp_path,

@@ -54,6 +54,8 @@ def test_main_k1_writes_contract_results(tree, tmp_path):
     assert all(len(paths) == 1 for paths in results["support"].values())
     assert results["timing"]["n_images"] == 12 and (out / "log.txt").is_file()
     assert (out / "checkpoints" / "screw.pt").is_file()
+    report = (out / "report.html").read_text()  # issue 15: beside results.json, one section per class
+    assert 'id="c-a"' in report and 'id="c-screw"' in report and "fsad report: pcsnet" in report
     assert tree_digest(tree, exclude=()) == before  # nothing written into the dataset folder
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from report.index import main
+
+sys.exit(main())
