@@ -128,6 +128,12 @@ class TestConfig:
         choices=("crop", "shared"),
     )
     win_use_nam: int = _opt(1, "NAM on the stitched window map (original winuseConvRes)", choices=(0, 1))
+    win_resolution: str = _opt(
+        "grid",
+        "LFE window map: grid = each window resized back to the main grid (the original's geometry); zoomed = kept at "
+        "the zoomed grid (ours, --win-encode shared only: the windows add resolution for small defects)",
+        choices=("grid", "zoomed"),
+    )
     use_nam: int | None = _opt(None, "use the NAM outputs (default: as trained)", choices=(0, 1))
     use_img_idx: int = _opt(0, "image feature index memory bank for the windows", choices=(0, 1))
     img_idx_match: str = _opt(

@@ -37,6 +37,9 @@ class DetectorOptions:
     win_weight: float = 0.5  # w: final = (1 - w) * main + w * windows (map and image score)
     use_nam: bool = True  # keep the NAM outputs instead of the raw ASL maps (original useConvRes)
     win_use_nam: bool = True  # NAM on the stitched window map (original winuseConvRes)
+    # `zoomed` (ours, `shared` windows only): keep the window map at the zoomed grid instead of resizing every window
+    # back to the main grid, so LFE adds resolution for small defects; `grid` (the original's geometry) resizes back
+    win_resolution: str = "grid"
     use_img_idx: bool = False  # image feature index memory bank for the windows (original useimgidx)
     img_idx_match: str = "pooled"  # pooled = the original (all selected windows' tokens); own = its own window only
     map_size: int | None = None  # upsample the final map to this side here (None: the evaluator does it)
@@ -271,6 +274,8 @@ class FDSLDetector:
                 for m, bank in zip(maps, self.win_bank)
             ]
             probs = [self.head.asl[level](dev)[:, 1] for level, (dev, _) in enumerate(results)]
+            if self.opts.win_resolution == "zoomed":
+                return self._zoomed_window_maps(probs, [1.0 - max_cos for _, max_cos in results])
             window_probs = [cut_windows(p[:, None], geom)[:, 0] for p in probs]
             window_cos = [cut_windows(max_cos[:, None], geom)[:, 0] for _, max_cos in results]
         else:
@@ -298,6 +303,19 @@ class FDSLDetector:
             asl_maps.append(asl_map)
             fd_maps.append(stitch_windows(self._to_win(1.0 - max_cos), geom))
         return _combine(asl_maps, fd_maps, self.opts.fd_weight)
+
+    def _zoomed_window_maps(
+        self, probs: list[torch.Tensor], fd: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`--win-resolution zoomed`: the window branch on the zoomed grid G' (B, G', G'), score (B,).
+
+        Every shared window holds the zoomed tokens it covers unchanged, and the stitch averages identical values, so
+        the stitched map at G' is the per-token map itself: it is kept at G' (more cells per defect) instead of each
+        window being resized to win x win cells of the main grid first. NAM refines it as it refines the stitched map.
+        """
+        if self.opts.win_use_nam and self.opts.use_nam:
+            probs = [self.head.refine(p) for p in probs]
+        return _combine(probs, fd, self.opts.fd_weight)
 
     def _to_win(self, maps: torch.Tensor) -> torch.Tensor:
         """(N, t, t) window maps at the encoded resolution -> (N, win, win) (zoomed windows are resized back)."""
@@ -333,4 +351,7 @@ class FDSLDetector:
         win_map, win_score = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if mode == "onlywin":
             return win_score, win_map
+        if win_map.shape[-1] != main_map.shape[-1]:  # zoomed window maps: the main map joins them at G'
+            main_map = F.interpolate(main_map[:, None], size=win_map.shape[-2:], mode="bilinear",
+                                     align_corners=False)[:, 0]  # fmt: skip
         return (1 - w) * main_score + w * win_score, (1 - w) * main_map + w * win_map  # winmode mul

@@ -90,6 +90,8 @@ def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dic
     geometry = None
     cfg.win_encode = cfg.win_encode or (CNN_WIN_ENCODE if backbone.kind == "cnn" else "crop")
     check_encode_mode(cfg.win_encode, backbone.kind)
+    if cfg.win_resolution == "zoomed" and cfg.win_mode != "nan" and (cfg.win_encode != "shared" or cfg.use_img_idx):
+        raise UserError("--win-resolution zoomed needs --win-encode shared and --use-img-idx 0")
     if cfg.win_mode != "nan":
         zoom = cfg.win_zoom if cfg.win_zoom is not None else (CNN_WIN_ZOOM if backbone.kind == "cnn" else 1.0)
         cfg.win_zoom = zoom
@@ -100,6 +102,7 @@ def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dic
         win_weight=cfg.win_weight,
         use_nam=bool(cfg.use_nam),
         win_use_nam=bool(cfg.win_use_nam),
+        win_resolution=cfg.win_resolution,
         use_img_idx=bool(cfg.use_img_idx),
         img_idx_match=cfg.img_idx_match,
         map_size=(cfg.eval_size or cfg.image_size) if cfg.map_align_corners else None,
@@ -180,6 +183,7 @@ def run(cfg: TestConfig) -> dict:
         "win_weight": cfg.win_weight,
         "win_zoom": cfg.win_zoom,
         "win_encode": cfg.win_encode,
+        "win_resolution": cfg.win_resolution,
         "legacy_second_draw": bool(cfg.legacy_second_draw),
         "checkpoint": str(cfg.checkpoint),
         "bank_bytes": memories[owner],
