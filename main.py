@@ -34,7 +34,7 @@ from common.utils import (  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     """The CONTRACT flags plus PCSNet's own (None = take the config's value)."""
     p = argparse.ArgumentParser(description="PCSNet (TNNLS 2024) few-shot anomaly detection: train per class, test.")
-    p.add_argument("--data-root", required=True, metavar="DIR", help="dataset folder with meta.json")
+    p.add_argument("--data-root", "--dataset-root", dest="data_root", required=True, metavar="DIR", help="has meta.json")  # noqa: E501
     p.add_argument("--k-shot", type=int, required=True, help="support images per class (>= 1)")
     p.add_argument("--seed", type=int, default=0, help="support draw, pseudo anomalies and init (default 0)")
     p.add_argument("--save-dir", required=True, metavar="OUT", help="results.json, log.txt, checkpoints/")

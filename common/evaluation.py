@@ -1,77 +1,30 @@
-"""One few-shot evaluation loop for every method: per class, draw support -> setup -> predict -> metrics.
+"""Pure pieces of the few-shot evaluation: input checks before any model work, and the timing breakdown.
 
-A detector is any object with
-    setup(class_name: str, support_images: Tensor (k, 3, S, S)) -> None      # build banks / train on the support
-    predict(images: Tensor (B, 3, S, S)) -> (pred_score (B,) or None, anomaly_map (B, h, w))
-A pred_score of None means "the maximum of the post-processed (upsampled, smoothed) map".
-Classes are processed one at a time, so banks and maps of one class are freed before the next (peak memory does
-not grow with the number of classes).
+The class loop itself (`evaluate`, `evaluate_sharded`, `EvalConfig`, `ClassResult`) lives in `engine.loop`, above
+`data/`; the names are still importable from here (resolved on first use) so older call sites keep working. The
+detector contract is `common.contract`. This module imports neither `data/` nor any method.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import importlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
-
-from common import distributed
-from common.anomaly_map import gaussian_smooth, image_score_max, upsample_map
-from common.backbones import backbone_seconds
+from common.contract import Detector, DetectorOutput, minmax_fusion  # noqa: F401  (re-exported)
 from common.few_shot import sample_support
-from common.metrics import compute_metrics
 from common.utils import UserError
-from data.dataset import AnomalyDataset, load_images
-from data.meta import load_meta
+
+_MOVED = {"EvalConfig", "ClassResult", "evaluate", "evaluate_sharded"}  # now in engine.loop
 
 
-class Detector(Protocol):
-    def setup(self, class_name: str, support_images: torch.Tensor) -> None: ...
-
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]: ...
-
-
-@dataclass
-class EvalConfig:
-    dataset_root: str
-    k_shot: int
-    seed: int
-    image_size: int
-    mean: tuple
-    std: tuple
-    class_names: list[str] | None = None
-    batch_size: int = 8
-    eval_size: int | None = None  # resolution of pixel metrics (FDSL: 240); default image_size
-    smooth_sigma: float = 0.0  # gaussian on the upsampled map before metrics (PCSNet/PatchCore: 4)
-    num_workers: int = 0
-    device: torch.device = torch.device("cpu")
-    # Scores of one class -> final scores (e.g. FDSL's transductive per-class min-max fusion); None = as predicted
-    class_score_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-    vis_dir: str | None = None  # heat-map PNG panels per test image when set
-    support_draw: int = 0
-    class_done: Callable[[str, ClassResult], None] | None = None  # called after each class (e.g. to record it)
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module("engine.loop"), name)
+    raise AttributeError(f"module 'common.evaluation' has no attribute {name!r}")
 
 
-@dataclass
-class ClassResult:
-    metrics: dict
-    support: list[str]
-    n_images: int
-    seconds: float  # setup + test
-    extra: dict = field(default_factory=dict)
-    setup_seconds: float | None = None  # support decode + detector.setup (bank building, PCSNet's training)
-    backbone_seconds: float | None = None  # backbone forwards during the test loop
-    data_seconds: float | None = None  # waiting for decoded test batches during the test loop
-
-
-def timing_breakdown(per_class: dict[str, ClassResult]) -> dict:
+def timing_breakdown(per_class: dict) -> dict:
     """results.json `timing` keys beyond the contract's: where the seconds went (None when a class lacks them).
 
     `test_seconds_per_image` excludes the set-up, so it compares across methods whose set-up differs (a bank vs a
@@ -128,117 +81,3 @@ def check_eval_inputs(
             )
         sample_support(meta, name, k_shot, seed, draw=draw)
     return wanted
-
-
-def evaluate(detector: Detector, cfg: EvalConfig, progress: bool = True) -> tuple[dict[str, ClassResult], float]:
-    """Run the few-shot protocol over every (selected) class. Returns per-class results and total seconds."""
-    meta = load_meta(cfg.dataset_root)
-    check_eval_inputs(meta, cfg.dataset_root, cfg.class_names, cfg.k_shot, cfg.seed, cfg.support_draw)
-    dataset = AnomalyDataset(cfg.dataset_root, "test", cfg.class_names, cfg.image_size, cfg.mean, cfg.std, meta=meta)
-    out: dict[str, ClassResult] = {}
-    total = 0.0
-    for class_name in dataset.class_names:
-        indices = list(dataset.class_indices[class_name])
-        support = sample_support(meta, class_name, cfg.k_shot, cfg.seed, draw=cfg.support_draw)
-        start = time.perf_counter()
-        support_images = load_images(cfg.dataset_root, support, cfg.image_size, cfg.mean, cfg.std).to(cfg.device)
-        detector.setup(class_name, support_images)
-        setup_seconds = time.perf_counter() - start
-        backbone_start, data_seconds = backbone_seconds(), 0.0
-        scores, labels, maps, masks, known, paths = [], [], [], [], [], []
-        loader = DataLoader(Subset(dataset, indices), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-        size = cfg.eval_size or cfg.image_size
-        batches = iter(tqdm(loader, desc=f"{class_name}", disable=not progress, leave=False))
-        while True:
-            wait = time.perf_counter()
-            batch = next(batches, None)
-            data_seconds += time.perf_counter() - wait
-            if batch is None:
-                break
-            with torch.inference_mode():
-                pred_score, anomaly_map = detector.predict(batch["image"].to(cfg.device))
-                anomaly_map = upsample_map(anomaly_map, size)
-                if cfg.smooth_sigma > 0:
-                    anomaly_map = gaussian_smooth(anomaly_map, cfg.smooth_sigma)
-                if pred_score is None:
-                    pred_score = image_score_max(anomaly_map)
-            scores.append(pred_score.float().cpu())
-            maps.append(anomaly_map.cpu().half())  # fp16 keeps a class's maps small; metrics upcast
-            gt = batch["gt_mask"]
-            if gt.shape[-1] != size:
-                gt = (upsample_map(gt, size) > 0.5).float()
-            masks.append(gt.reshape(-1, size, size).bool())
-            labels.append(batch["gt_label"])
-            known.append(batch["has_mask"])
-            paths.extend(batch["img_path"])
-        seconds = time.perf_counter() - start
-        test_backbone = backbone_seconds() - backbone_start
-        total += seconds
-        score_np = torch.cat(scores).numpy()
-        map_np = torch.cat(maps).float().numpy()
-        label_np = torch.cat(labels).numpy()
-        if cfg.class_score_fn is not None:
-            score_np = cfg.class_score_fn(score_np, map_np)
-        metrics = compute_metrics(score_np, label_np, map_np, torch.cat(masks).numpy(), torch.cat(known).numpy())
-        if cfg.vis_dir:
-            _save_panels(Path(cfg.vis_dir) / class_name, cfg.dataset_root, paths, map_np, size)
-        out[class_name] = ClassResult(metrics, support, len(indices), seconds, setup_seconds=setup_seconds,
-                                      backbone_seconds=test_backbone, data_seconds=data_seconds)  # fmt: skip
-        if cfg.class_done is not None:
-            cfg.class_done(class_name, out[class_name])
-    return out, total
-
-
-def evaluate_sharded(
-    detector: Detector, cfg: EvalConfig, progress: bool = True, payload: Callable[[], Any] | None = None
-) -> tuple[dict[str, ClassResult], float, list]:
-    """evaluate() with the classes shared out over the torchrun ranks: class i goes to rank i % world_size.
-
-    Every class is set up and scored exactly as in a single process (support draws and per-class seeds depend on
-    the class only), so the merged metrics are the single-process ones. Returns, on every rank, the per-class
-    results in the single-process class order, the summed seconds and each rank's `payload()` (rank order).
-    A UserError on any rank is raised on every rank (no rank is left waiting). Without torchrun: evaluate().
-    """
-    meta = load_meta(cfg.dataset_root)
-    names = check_eval_inputs(meta, cfg.dataset_root, cfg.class_names, cfg.k_shot, cfg.seed, cfg.support_draw)
-    mine = distributed.shard(names)
-    try:
-        per_class, seconds = (
-            evaluate(detector, dataclasses.replace(cfg, class_names=mine), progress) if mine else ({}, 0.0)
-        )
-        part = ("ok", per_class, seconds, payload() if payload else None)
-    except UserError as exc:
-        if not distributed.is_distributed():
-            raise
-        part = ("error", str(exc), 0.0, None)
-    parts = distributed.gather_objects(part)
-    for status, message, _, _ in parts:
-        if status == "error":
-            raise UserError(message)
-    merged = {name: result for _, results, _, _ in parts for name, result in results.items()}
-    return {name: merged[name] for name in names}, sum(p[2] for p in parts), [p[3] for p in parts]
-
-
-def _save_panels(folder: Path, root: str, paths: list[str], maps: np.ndarray, size: int) -> None:
-    import cv2
-
-    from common.visualization import save_panel
-    from data.dataset import read_image
-
-    vmax = float(np.quantile(maps, 0.999)) if maps.size else 1.0
-    vmin = float(maps.min()) if maps.size else 0.0
-    for rel, anomaly_map in zip(paths, maps):
-        image = cv2.resize(read_image(Path(root) / rel), (size, size), interpolation=cv2.INTER_AREA)
-        name = rel.replace("/", "_").rsplit(".", 1)[0] + ".png"
-        save_panel(folder / name, image, anomaly_map, vmin=vmin, vmax=vmax)
-
-
-def minmax_fusion(image_scores: np.ndarray, maps: np.ndarray) -> np.ndarray:
-    """VAND/FDSL few-shot image score: 0.5 * (score + per-class min-max of the map maxima).
-
-    Transductive: it normalises with the statistics of the whole test set of the class.
-    """
-    peak = maps.reshape(len(maps), -1).max(axis=1)
-    span = peak.max() - peak.min()
-    peak = (peak - peak.min()) / span if span > 0 else np.zeros_like(peak)
-    return 0.5 * (image_scores + peak)

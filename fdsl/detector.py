@@ -1,6 +1,6 @@
 """The FDSL few-shot detector: per-class banks in `setup`, FD -> ASL (-> NAM) maps and LFE windows in `predict`.
 
-It follows the `common.evaluation.Detector` protocol. Banks are built when a class starts and replaced at the next
+It follows the detector contract of `common/contract.py`. Banks are built when a class starts and replaced at the next
 class, so memory does not grow with the number of classes (the original kept every class's window bank).
 """
 
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from common.backbones import Backbone
+from common.contract import DetectorOutput, ScoreFusion, require_setup
 from common.memory_bank import greedy_coreset
 from fdsl.model import ASL_HIDDEN, FDSLHead, extract_levels, feature_discrepancy, flatten_tokens
 from fdsl.windows import (
@@ -107,6 +108,9 @@ class FDSLDetector:
         geometry: window geometry (required unless win_mode is `nan`).
         window_support_fn: class name -> (k, 3, S, S) images for the window bank. None = the support of
             `setup` (one draw for both banks); the `--legacy-second-draw` flag passes the original's second draw.
+        image_size: input side S (default: the backbone's).
+        smooth_sigma, eval_size, score_fusion: the post-processing spec (common/contract.py): gaussian sigma on
+            the map upsampled to `eval_size` (FDSL: 240, sigma 0), and the per-class image-score fusion.
     """
 
     def __init__(
@@ -116,6 +120,10 @@ class FDSLDetector:
         opts: DetectorOptions,
         geometry: WindowGeometry | None = None,
         window_support_fn: Callable[[str], torch.Tensor] | None = None,
+        image_size: int | None = None,
+        smooth_sigma: float = 0.0,
+        eval_size: int | None = None,
+        score_fusion: ScoreFusion | None = None,
     ) -> None:
         if opts.win_mode not in WIN_MODES:
             raise ValueError(f"win_mode must be one of {WIN_MODES}, got {opts.win_mode!r}")
@@ -125,6 +133,9 @@ class FDSLDetector:
             check_encode_mode(geometry.encode, backbone.kind)
         self.backbone, self.head, self.opts, self.geometry = backbone, head.eval(), opts, geometry
         self.window_support_fn = window_support_fn
+        self.mean, self.std = backbone.mean, backbone.std  # input spec (common/contract.py)
+        self.image_size = int(image_size or backbone.default_image_size)
+        self.smooth_sigma, self.eval_size, self.score_fusion = float(smooth_sigma), eval_size, score_fusion
         device = next(head.parameters()).device
         self.bank_dtype = torch.float16 if device.type == "cuda" else torch.float32  # fp16 banks on GPU
         self.bank: list[torch.Tensor] = []
@@ -261,18 +272,21 @@ class FDSLDetector:
             return maps
         return F.interpolate(maps[:, None], size=(win, win), mode="bilinear", align_corners=False)[:, 0]
 
+    def report(self) -> dict:
+        """results.json extras: the bank bytes of the last class set up."""
+        return {"bank_bytes": dict(self.memory)}
+
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def predict(self, images: torch.Tensor) -> DetectorOutput:
         """(B, 3, S, S) normalised images -> pred_score (B,), anomaly_map (B, G, G) on the finest feature grid.
 
         With `score_from_map` the score is None: the evaluator takes the maximum of the upsampled, smoothed map.
         """
         score, anomaly_map = self._predict(images)
-        return (None if self.opts.score_from_map else score), anomaly_map
+        return DetectorOutput(None if self.opts.score_from_map else score, anomaly_map)
 
     def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.bank:
-            raise RuntimeError("FDSLDetector.predict called before setup")
+        require_setup(bool(self.bank), type(self).__name__)
         mode, w = self.opts.win_mode, self.opts.win_weight
         if mode != "onlywin":
             main_map, main_score = self._main_branch(images)

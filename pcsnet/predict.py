@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from common.predict_run import add_predict_arguments, run_cli
 from common.utils import UserError, cli_entry, set_seed
+from engine.predict_run import add_predict_arguments, run_cli
 
 if TYPE_CHECKING:
     from pcsnet.trainer import PCSNetDetector
@@ -42,10 +42,10 @@ def build_pcsnet_detector(
     progress: bool = False,
     **unknown: Any,
 ) -> PCSNetDetector:
-    """PCSNet as a predict detector (builder contract in common/predict.py): `setup` trains the class model.
+    """PCSNet as a predict detector (builder contract: engine/registry.py): `setup` trains the class model.
 
     Args:
-        references: RGB uint8 good images (unused here: `setup` trains on them).
+        references: RGB uint8 good images (unused: the predictor calls `setup`, which trains on them).
         device: torch device.
         config: PCSNet YAML (e.g. configs/pcsnet/paper.yaml); None = the dataclass defaults (CPU setting).
         backbone, pretrained, image_size, epochs, cas_width, grid_size, batch_size, aug_pool, fuse_pfa: override
@@ -54,7 +54,7 @@ def build_pcsnet_detector(
         progress: tqdm bar over the training epochs.
 
     Returns:
-        A `PCSNetDetector` with `mean`, `std`, `image_size` and `smooth_sigma` attributes (checkpoints not saved).
+        A `PCSNetDetector` (it declares its own input and post-processing spec; checkpoints not saved).
 
     Raises:
         UserError: unknown options, an unreadable config or values the model cannot run with.
@@ -63,7 +63,6 @@ def build_pcsnet_detector(
     from pcsnet.config import load_config
     from pcsnet.trainer import PCSNetDetector
 
-    del references
     if unknown:
         raise UserError(f"unknown PCSNet option(s): {', '.join(sorted(unknown))}")
     overrides = {
@@ -74,10 +73,7 @@ def build_pcsnet_detector(
     cfg = load_config(config, overrides)
     set_seed(seed)
     model = build_backbone(cfg.backbone, pretrained=cfg.pretrained, layers=cfg.layers, device=torch.device(device))
-    detector = PCSNetDetector(model, cfg, seed, save_dir=None, progress=progress)
-    detector.mean, detector.std, detector.image_size = model.mean, model.std, int(cfg.image_size)
-    detector.smooth_sigma = float(cfg.smooth_sigma)
-    return detector
+    return PCSNetDetector(model, cfg, seed, save_dir=None, progress=progress)
 
 
 def loo_cost_note(k: int, epochs: int | str) -> str:

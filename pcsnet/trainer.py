@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from common.anomaly_map import upsample_map
 from common.backbones import Backbone
+from common.contract import DetectorOutput, require_setup
 from common.utils import atomic_torch_save
 from pcsnet.config import PCSNetConfig, config_to_dict, load_config
 from pcsnet.losses import afs_loss, nfc_loss, pdc_loss, seg_loss, total_loss
@@ -171,7 +172,7 @@ def train_class(
 
 
 class PCSNetDetector:
-    """The `common.evaluation.Detector` of PCSNet: `setup` trains the class model, `predict` scores images.
+    """PCSNet under the detector contract (common/contract.py): `setup` trains the class model, `predict` scores.
 
     Args:
         backbone: frozen backbone on `device`.
@@ -197,6 +198,14 @@ class PCSNetDetector:
         self.model: PCSNet | None = None
         self.train_seconds: dict[str, float] = {}
         self.histories: dict[str, list[dict]] = {}
+        # input and post-processing spec (common/contract.py)
+        self.mean, self.std, self.image_size = backbone.mean, backbone.std, int(cfg.image_size)
+        self.smooth_sigma, self.eval_size, self.score_fusion = float(cfg.smooth_sigma), None, None
+
+    def report(self) -> dict:
+        """results.json extras: training seconds and final losses of the classes trained so far."""
+        return {"train_seconds": dict(self.train_seconds),
+                "final_losses": {c: h[-1] if h else None for c, h in self.histories.items()}}  # fmt: skip
 
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
         """Train the class model on (k, 3, S, S) support images and save its checkpoint."""
@@ -210,21 +219,20 @@ class PCSNetDetector:
                             paths, history)  # fmt: skip
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[None, torch.Tensor]:
+    def predict(self, images: torch.Tensor) -> DetectorOutput:
         """(B, 3, S, S) -> (None, anomaly_map (B, S, S) unsmoothed).
 
         The map is the CAS output plus `fuse_pfa` x the PFA distance map (default 1; the paper's 0 = CAS only, a
         deviation measured in docs/STATUS.md). The score None means "the maximum of the smoothed map" (sigma 4):
         the caller (evaluate(), the predict CLI) smooths the map anyway, so it is not smoothed twice.
         """
-        if self.model is None:
-            raise RuntimeError("PCSNetDetector.predict called before setup")
+        require_setup(self.model is not None, type(self).__name__)
         size = images.shape[-1]
         out = self.model(extract_levels(self.backbone, images, chunk=len(images)), out_size=size)
         anomaly_map = out["logits"][:, 0]
         if self.cfg.fuse_pfa:
             anomaly_map = anomaly_map + self.cfg.fuse_pfa * upsample_map(self.model.pfa_map(out["knn"]), size)
-        return None, anomaly_map
+        return DetectorOutput(None, anomaly_map)
 
 
 def save_checkpoint(
