@@ -61,7 +61,7 @@ _FORWARD_SECONDS = [0.0]  # wall time spent in every backbone's forward, this pr
 
 
 def backbone_seconds() -> float:
-    """Seconds spent so far in backbone forwards (all backbones of this process; CUDA forwards synchronised).
+    """Seconds spent so far in backbone forwards timed under `common.timing.backbone_timing()` (CUDA synchronised).
 
     Read it before and after a phase: the difference is that phase's feature-extraction time (the benchmark's
     "backbone share")."""
@@ -91,9 +91,7 @@ class Backbone(nn.Module):
         self.mean, self.std = tuple(mean), tuple(std)
         self.default_image_size, self.embed_dim = default_image_size, embed_dim
         self._forward_start = 0.0
-        self.precision = "fp32"
-        self.register_forward_pre_hook(_forward_started)
-        self.register_forward_hook(_forward_ended)
+        self.precision = "fp32"  # forward timing is opt-in: common.timing.backbone_timing()
 
     def set_precision(self, precision: str) -> Backbone:
         """Run the forward in `fp32` (default), or under autocast in `bf16` / `fp16` (CUDA only; on CPU bf16 works

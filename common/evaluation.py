@@ -25,23 +25,25 @@ def __getattr__(name: str) -> Any:
 
 
 def timing_breakdown(per_class: dict) -> dict:
-    """results.json `timing` keys beyond the contract's: where the seconds went (None when a class lacks them).
+    """results.json `timing` keys beyond the contract's: where the seconds went (None where a class lacks them).
 
     `test_seconds_per_image` excludes the set-up, so it compares across methods whose set-up differs (a bank vs a
-    training run); `backbone_share` is the test loop's fraction of time in the backbone forward.
+    training run); `backbone_share` is the test loop's fraction of time in the backbone forward, measured only
+    when the run timed its backbone (common.timing, FSAD_TIMING=1: what the benchmark sets).
     """
     results = list(per_class.values())
     n_images = sum(r.n_images for r in results)
     out = {"setup_seconds": None, "test_seconds": None, "test_seconds_per_image": None, "backbone_seconds": None,
            "backbone_share": None, "data_seconds": None}  # fmt: skip
-    if not results or any(r.setup_seconds is None or r.backbone_seconds is None for r in results):
+    if not results or any(r.setup_seconds is None for r in results):
         return out
     setup = sum(r.setup_seconds for r in results)
     test = sum(r.seconds - r.setup_seconds for r in results)
-    backbone = sum(r.backbone_seconds for r in results)
     out.update(setup_seconds=setup, test_seconds=test, test_seconds_per_image=test / max(n_images, 1),
-               backbone_seconds=backbone, backbone_share=backbone / test if test > 0 else None,
                data_seconds=sum(r.data_seconds or 0.0 for r in results))  # fmt: skip
+    if all(r.backbone_seconds is not None for r in results):
+        backbone = sum(r.backbone_seconds for r in results)
+        out.update(backbone_seconds=backbone, backbone_share=backbone / test if test > 0 else None)
     return out
 
 

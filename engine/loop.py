@@ -28,6 +28,8 @@ from common.contract import PostSpec, post_process, post_spec
 from common.evaluation import check_eval_inputs
 from common.few_shot import sample_support
 from common.metrics import compute_metrics
+from common.timing import enabled as timing_enabled
+from common.timing import timing_if_requested
 from common.utils import UserError, atomic_write_json
 from data.dataset import AnomalyDataset, load_images, read_image
 from data.meta import load_meta
@@ -97,7 +99,16 @@ def _specs(detector: Any, cfg: EvalConfig) -> tuple[InputSpec, PostSpec]:
 
 
 def evaluate(detector: Any, cfg: EvalConfig, progress: bool = True) -> tuple[dict[str, ClassResult], float]:
-    """Run the few-shot protocol over every (selected) class. Returns per-class results and total seconds."""
+    """Run the few-shot protocol over every (selected) class. Returns per-class results and total seconds.
+
+    Backbone forwards are timed only when FSAD_TIMING=1 (common.timing; the benchmark sets it); otherwise
+    `backbone_seconds` is None and no timing hook runs.
+    """
+    with timing_if_requested():
+        return _evaluate(detector, cfg, progress)
+
+
+def _evaluate(detector: Any, cfg: EvalConfig, progress: bool) -> tuple[dict[str, ClassResult], float]:
     meta = load_meta(cfg.dataset_root)
     check_eval_inputs(meta, cfg.dataset_root, cfg.class_names, cfg.k_shot, cfg.seed, cfg.support_draw)
     inputs, post = _specs(detector, cfg)
@@ -136,7 +147,7 @@ def evaluate(detector: Any, cfg: EvalConfig, progress: bool = True) -> tuple[dic
             known.append(batch["has_mask"])
             paths.extend(batch["img_path"])
         seconds = time.perf_counter() - start
-        test_backbone = backbone_seconds() - backbone_start
+        test_backbone = backbone_seconds() - backbone_start if timing_enabled() else None
         total += seconds
         score_np = torch.cat(scores).numpy()
         map_np = torch.cat(maps).float().numpy()

@@ -204,6 +204,10 @@ def run_cli(
     maps: list = [] if observers else None
     rows = run_predictions(predictor, paths, out, panels=not args.no_panels, progress=not args.quiet, maps_out=maps)
     seconds = (setup_done - start, time.perf_counter() - setup_done)
+    if all(r.decision == "unreadable" for r in rows):  # before any output is written: a failed run writes nothing
+        first = rows[0]
+        reason = first.error if first.image in first.error else f"{first.image}: {first.error}"
+        raise UserError(f"none of the {len(rows)} images could be read (first: {reason})")
     info = {
         "method": method,
         **predictor.threshold_info(),
@@ -225,6 +229,4 @@ def run_cli(
     atomic_write_text(out / "predictions.csv", format_predictions_csv(rows))  # replaces an old one only now
     print(format_summary(rows, predictor, seconds, bad_refs))
     print(f"predictions: {out / 'predictions.csv'}" + ("" if args.no_panels else f"  panels: {out / 'panels'}"))
-    if all(r.decision == "unreadable" for r in rows):
-        raise UserError(f"none of the {len(rows)} images could be read (see {out / 'predictions.csv'})")
     return 0

@@ -157,7 +157,8 @@ def run_one(method: str, k: int, seed: int, args, runs_dir: Path) -> dict:
     full = [TIME_BIN, "-f", "%M", "-o", str(rss_file), *cmd] if use_time else cmd
     start = time.perf_counter()
     with open(save_dir / "stdout.txt", "w") as out, open(save_dir / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(full, cwd=REPO, stdout=out, stderr=err)
+        env = {**os.environ, "FSAD_TIMING": "1"}  # the runs time their backbone forwards (common.timing)
+        proc = subprocess.Popen(full, cwd=REPO, stdout=out, stderr=err, env=env)
         poller = None if use_time else _PeakRSS(proc.pid)
         code = proc.wait()
         peak_kb = poller.stop() if poller else None
