@@ -1,6 +1,6 @@
 """PCSNet few-shot anomaly detection: train one model per class on k support images, then evaluate once.
 
-Usage (design/CONTRACT.md):
+Usage (docs/design/CONTRACT.md):
     python main.py --data-root DIR --k-shot K --seed S --save-dir OUT [--class-name all|NAME]
                    [--backbone NAME] [--image-size N] [--epochs N] [--device D]
 Writes OUT/results.json, OUT/log.txt and OUT/checkpoints/<class>.pt. Settings: dataclass defaults (the CPU

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# FDSL few-shot test only (the seed's test_few_shot.sh, fdsl.md section 6), with the checkpoints that
+# FDSL few-shot test only (the seed's test_few_shot.sh, docs/design/fdsl.md section 6), with the checkpoints that
 # trainAndTest.sh trained under the same MODEL_NAME: VisA with the LAST epoch of the MVTec-trained run, MVTec with
 # the LAST epoch of the VisA-trained run (last.pth). As the original: no NAM on the stitched window map
 # (winuseConvRes=0) and results in results/<visa|mvtec>/few_shot/MODEL_NAME_winmode<WINMODE>/s<K>shot/seed<SEED>/.

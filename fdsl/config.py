@@ -15,7 +15,7 @@ from common import config
 from common.utils import PRECISIONS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "fdsl"
-# FDSL code (train.py / trainAndTest.sh, fdsl.md section 5): optimiser, batch, training bank, augmentation.
+# FDSL code (train.py / trainAndTest.sh, docs/design/fdsl.md section 5): optimiser, batch, training bank, augmentation.
 ADAM_LR = 1e-3
 ADAM_BETAS = (0.5, 0.999)
 TRAIN_K_SHOT = 10

@@ -260,7 +260,7 @@ class FDSLDetector:
         for prob, max_cos in zip(window_probs, window_cos):  # the checkpoint's ASL weights, per level
             asl_map = stitch_windows(self._to_win(prob), geom)
             if self.opts.win_use_nam and self.opts.use_nam:
-                asl_map = self.head.refine(asl_map)  # NAM on the stitched [1 - a, a] map (fdsl.md section 5)
+                asl_map = self.head.refine(asl_map)  # NAM on the stitched [1 - a, a] map (docs/design/fdsl.md s.5)
             asl_maps.append(asl_map)
             fd_maps.append(stitch_windows(self._to_win(1.0 - max_cos), geom))
         return _combine(asl_maps, fd_maps, self.opts.fd_weight)

@@ -1,6 +1,6 @@
 """Per-class PCSNet training on the k support images and the detector used by common.evaluation.
 
-Schedule (design/pcsnet.md section 4, with the section 9 fixes): prototypes from the support images at
+Schedule (docs/design/pcsnet.md section 4, with the section 9 fixes): prototypes from the support images at
 initialisation (optionally refreshed), then `epochs` passes over the support in batches of `batch_size` clean
 images. Each step also takes one pseudo-anomalous version of every clean image in the batch; the clean and the
 pseudo-anomalous images together form the batch of L_PDC and L_SEG (the original replaced half of the clean
