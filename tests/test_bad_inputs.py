@@ -317,22 +317,8 @@ CLIS = {
         },
     ),  # fmt: skip
     "trainAndTest.sh": Cli("trainAndTest.sh", {}, subprocess_default=True),
-    "fsad": Cli(
-        "engine.cli",
-        {
-            "eval": True,
-            "--method": "knn",
-            "--dataset-root": "{root}",
-            "--k-shot": "1",
-            "--seed": "0",
-            "--save-dir": "{out}",
-            "--backbone": TINY_VIT,
-            "--image-size": "64",
-            "--quiet": True,
-            **TORCH_FLAGS,
-        },
-    ),  # fmt: skip
 }
+CLIS["fsad"] = Cli("engine.cli", {"eval": True, "--method": "knn", **CLIS["baseline.knn"].base})  # fsad eval = knn
 
 
 @dataclass(frozen=True)
