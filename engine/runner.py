@@ -78,11 +78,12 @@ def run_eval(
     request: EvalRequest,
     build: Callable[[torch.device, dict], Any],
     backbone: str | Callable[[Any], str],
-    extra: dict | Callable[[Any], dict] | None = None,
+    extra: dict | Callable[[Any, dict[str, dict]], dict] | None = None,
     options: dict | None = None,
     win_mode: str | None = None,
     notes: Callable[[dict], list[str]] | None = None,
     observers: Sequence[ClassObserver] = (),
+    merge_last_report: bool = True,
 ) -> dict:
     """Check, build, evaluate every class, write results.json / log.txt (rank 0). Returns the results dict.
 
@@ -90,8 +91,9 @@ def run_eval(
         request: the run-level options.
         build: `(device, meta) -> detector` following `common.contract`; called after every input check.
         backbone: the backbone name for results.json, or a function of the built detector giving it.
-        extra: results.json keys of the method (or a function of the built detector giving them); the detector's
-            `report()` after the last class is added to them.
+        extra: results.json keys of the method, or `(detector, reports) -> keys` where `reports` maps every class
+            (all ranks, resumed ones included) to the detector's `report()` right after that class.
+        merge_last_report: add the last class's report to the keys (kNN, FDSL: bank sizes of the last class).
         options: the method's resolved options: the `--resume` records are keyed on them (volatile ones left out).
         win_mode: results.json `win_mode` (FDSL's LFE mode; None for other methods).
         notes: `results -> lines` added under the table in log.txt.
@@ -130,12 +132,14 @@ def run_eval(
         seconds += record["seconds"]
     per_class = {name: fresh[name] for name in names}
     name = backbone if isinstance(backbone, str) else backbone(detector)
-    extra = extra(detector) if callable(extra) else extra
+    extra = dict(extra(detector, reports) if callable(extra) else extra or {})
+    if merge_last_report:
+        extra.update(reports[names[-1]])
     results = build_results(
         request.method, request.dataset_root, request.k_shot, request.seed, name, int(detector.image_size),
         {c: r.metrics for c, r in per_class.items()}, {c: r.support for c, r in per_class.items()},
         sum(r.n_images for r in per_class.values()), seconds, win_mode=win_mode,
-        extra={**(extra or {}), **reports[names[-1]]}, timing=timing_breakdown(per_class),
+        extra=extra, timing=timing_breakdown(per_class),
     )  # fmt: skip
     if distributed.is_main():
         write_results(request.save_dir, results, notes(results) if notes else None)

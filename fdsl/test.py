@@ -161,7 +161,7 @@ def run(cfg: TestConfig) -> dict:
 
     request = request_from(resolved, "fdsl", class_names=cfg.class_name, progress=bool(cfg.progress),
                            vis_dir=f"{cfg.save_dir}/images" if cfg.save_images else None)  # fmt: skip
-    return run_eval(request, build, backbone=lambda _: built[0].backbone, extra=lambda _: results_extra(built[0]),
+    return run_eval(request, build, backbone=lambda _: built[0].backbone, extra=lambda *_: results_extra(built[0]),
                     win_mode=cfg.win_mode, options=dataclasses.asdict(resolved), notes=notes)  # fmt: skip
 
 

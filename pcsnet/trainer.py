@@ -196,6 +196,7 @@ class PCSNetDetector:
         self.save_dir = Path(save_dir) if save_dir else None
         self.support_paths, self.progress = support_paths, progress
         self.model: PCSNet | None = None
+        self.class_name: str | None = None
         self.train_seconds: dict[str, float] = {}
         self.histories: dict[str, list[dict]] = {}
         # input and post-processing spec (common/contract.py)
@@ -203,13 +204,15 @@ class PCSNetDetector:
         self.smooth_sigma, self.eval_size, self.score_fusion = float(cfg.smooth_sigma), None, None
 
     def report(self) -> dict:
-        """results.json extras: training seconds and final losses of the classes trained so far."""
-        return {"train_seconds": dict(self.train_seconds),
-                "final_losses": {c: h[-1] if h else None for c, h in self.histories.items()}}  # fmt: skip
+        """The class last set up: its training seconds and final losses (engine.runner collects one per class)."""
+        history = self.histories.get(self.class_name) or []
+        last = history[-1] if history else None
+        return {"train_seconds": self.train_seconds.get(self.class_name), "final_loss": last}
 
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
         """Train the class model on (k, 3, S, S) support images and save its checkpoint."""
         start = time.perf_counter()
+        self.class_name = class_name
         self.model, history = train_class(self.backbone, self.cfg, class_name, support_images, self.seed, self.progress)
         self.train_seconds[class_name] = time.perf_counter() - start
         self.histories[class_name] = history
