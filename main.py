@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aug-pool", type=int, help="pseudo anomalies precomputed per support image (0 = fresh per step)")
     p.add_argument("--batch-size", type=int, help="clean support images per training step (default 2)")
     p.add_argument("--pdc-mode", choices=("softmax", "bce"), help="L_PDC form (default softmax ranking)")
-    p.add_argument("--fuse-pfa", type=float, help="add this weight x the PFA distance map to the CAS map (default 0)")
+    p.add_argument("--fuse-pfa", type=float, help="weight x PFA distance map added to CAS (default 1.0; paper 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any PCSNet config option (YAML value), e.g. --set lr_cas=0.001; repeatable")  # fmt: skip
     p.add_argument("--vis-dir", metavar="DIR", help="write heat-map PNG panels of every test image here")

@@ -248,7 +248,7 @@ class OutputGuard:
         except OSError:  # a read-only folder: nothing can be written into it, so nothing needs undoing
             self.folders.append((folder, None, {}, set(), None))
             return
-        for index, path in enumerate(p for p in sorted(folder.rglob("*")) if backup not in (p, *p.parents)):
+        for index, path in enumerate(p for p in sorted(folder.rglob("*")) if not self._is_backup(folder, p)):
             rel = path.relative_to(folder)
             if path.is_dir() and not path.is_symlink():
                 dirs.add(rel)
@@ -262,6 +262,10 @@ class OutputGuard:
             files[rel] = ((stat.st_ino, stat.st_size, stat.st_mtime_ns), saved)
         self.folders.append((folder, None, files, dirs, backup))
 
+    @classmethod
+    def _is_backup(cls, folder: Path, path: Path) -> bool:
+        return any(part.startswith(cls.BACKUP_PREFIX) for part in path.relative_to(folder).parts)
+
     def rollback(self) -> None:
         import shutil
 
@@ -273,7 +277,7 @@ class OutputGuard:
                 continue
             for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
                 rel = path.relative_to(folder)
-                if backup is not None and backup in (path, *path.parents):
+                if self._is_backup(folder, path):  # ours, or another process's (torchrun ranks) in flight
                     continue
                 if path.is_dir() and not path.is_symlink():
                     if rel not in dirs:

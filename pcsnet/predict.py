@@ -1,7 +1,7 @@
 """Inspect your own parts with PCSNet: a model trained on a few good images, then scores and heat maps.
 
     python -m pcsnet.predict --reference good/ --images new/ --out runs/inspect [--threshold T]
-           [--epochs 50] [--cas-width 128] [--image-size 256] [--backbone efficientnet_lite0] [--config YAML] ...
+           [--epochs 50] [--cas-width 64] [--image-size 256] [--backbone efficientnet_lite0] [--config YAML] ...
 
 PCSNet trains in `setup`, as main.py does per class (no checkpoint needed). The leave-one-out threshold trains one
 more model per reference (k + 1 trainings in all; 3 for k = 1, which uses the mirror image as a second reference):
@@ -86,14 +86,16 @@ def loo_cost_note(k: int, epochs: int | str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pcsnet.config import PCSNetConfig as D  # noqa: N814 - the defaults shown in the help are the dataclass's
+
     p = argparse.ArgumentParser(prog="python -m pcsnet.predict", description=__doc__.splitlines()[0])
     add_predict_arguments(p)
     p.add_argument("--config", metavar="YAML", default=None, help="PCSNet config, e.g. configs/pcsnet/paper.yaml")
     p.add_argument("--backbone", default=None, help="efficientnet_lite0 (default, offline) | wide_resnet50_2 (paper)")
     p.add_argument("--pretrained", default=None, help="weights file for wide_resnet50_2")
-    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 256)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 50)")
-    p.add_argument("--cas-width", type=int, default=None, help="CAS channels (default 128; paper 896)")
+    p.add_argument("--image-size", type=int, default=None, help=f"input side in pixels (default {D.image_size})")
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {D.epochs})")
+    p.add_argument("--cas-width", type=int, default=None, help=f"CAS channels (default {D.cas_width}; paper 896)")
     p.add_argument("--grid-size", type=int, default=None, help="feature grid side (default image size / 8)")
     p.add_argument("--aug-pool", type=int, default=None, help="pseudo anomalies precomputed per reference")
     p.add_argument("--seed", type=int, default=0, help="pseudo anomalies and initialisation (default 0)")

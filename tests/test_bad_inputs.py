@@ -668,14 +668,16 @@ def run_case(case: Case, base: Path, pristine: dict[str, Path], ckpt: Path) -> O
         guard = read_only(work.out)
     elif case.env == "read_only_data":
         guard = read_only(work.data)
-    before, out_before = _digest(work), _out_tree(work.out)
+    before = _digest(work)
     start = time.perf_counter()
-    with guard:
+    with guard:  # (a read-only output folder is created by the guard: it is the state to keep)
+        out_before = _out_tree(work.out)
         code, stderr = (_run_subprocess if use_subprocess else _run_in_process)(case, work)
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        out_after = _out_tree(work.out)
     after = _digest(work)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    return Outcome(code, stderr, seconds, work, changed, _out_changes(out_before, _out_tree(work.out)))
+    return Outcome(code, stderr, seconds, work, changed, _out_changes(out_before, out_after))
 
 
 # ------------------------------------------------------------------------------------------------ the test
