@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # repo root, so `common`/`pcsnet` import from anywhere
-
 from common.utils import (  # noqa: E402
     PRECISIONS,
     UserError,

@@ -24,7 +24,6 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # repo root, so `common`/`data` import from anywhere
 
 from common.utils import UserError, atomic_write_json, atomic_write_text, check_writable_dir, cli_entry  # noqa: E402
 from engine import registry  # noqa: E402
