@@ -220,8 +220,7 @@ class ResumeRecords:
             except (OSError, ValueError) as exc:
                 raise UserError(f"--resume: cannot read {path}: {exc}") from exc
             if record.get("run") != self.key:
-                old = record.get("run") or {}
-                diffs = [k for k in sorted(set(old) | set(self.key)) if old.get(k) != self.key.get(k)]
+                diffs = _differences(record.get("run") or {}, self.key)
                 raise UserError(f"--resume: {path} was recorded with other options ({', '.join(diffs)}); "
                                 "use the same options or another --save-dir")  # fmt: skip
             done[name] = record
@@ -239,6 +238,17 @@ class ResumeRecords:
         return ClassResult(record["metrics"], record["support"], record["n_images"], record["seconds"],
                            setup_seconds=record.get("setup_seconds"), backbone_seconds=record.get("backbone_seconds"),
                            data_seconds=record.get("data_seconds"))  # fmt: skip
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ; for a nested mapping (the options), its differing keys instead of its name."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        out += _differences(a, b) if isinstance(a, dict) and isinstance(b, dict) else [key]
+    return out
 
 
 class PanelWriter:

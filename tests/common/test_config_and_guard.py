@@ -105,3 +105,17 @@ def test_a_successful_command_keeps_its_outputs_and_drops_the_backups(tmp_path):
 
     assert main() == 0
     assert sorted(os.listdir(out)) == ["old.txt", "results.json"]
+
+
+def test_resume_records_round_trip_and_refuse_other_options(tmp_path):
+    from engine.loop import ClassResult, ResumeRecords
+
+    key = {"method": "knn", "k_shot": 2, "options": {"metric": "l2", "coreset": 1.0}}
+    result = ClassResult({"image_auroc": 0.75}, ["a/train/good/000.png"], 4, 1.5, setup_seconds=0.5)
+    ResumeRecords(tmp_path, key).write("a", result, {"bank_bytes": 10})
+    done = ResumeRecords(tmp_path, key).load(["a", "b"])  # b was never recorded
+    assert list(done) == ["a"] and done["a"]["report"] == {"bank_bytes": 10}
+    assert ResumeRecords.to_result(done["a"]) == result
+    other = {**key, "options": {"metric": "cosine", "coreset": 1.0}}
+    with pytest.raises(UserError, match=r"recorded with other options \(metric\)"):
+        ResumeRecords(tmp_path, other).load(["a"])
