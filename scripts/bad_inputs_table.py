@@ -1,6 +1,6 @@
 """Run every case of tests/test_bad_inputs.py and print docs/BAD_INPUTS.md: broken input -> the line actually printed.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bad_inputs_table.py > docs/BAD_INPUTS.md
+    OMP_NUM_THREADS=1 .venv/bin/python -m scripts.bad_inputs_table > docs/BAD_INPUTS.md   # from the repo root
 
 Temporary paths in the messages are shown as DATA (the dataset folder), OUT (the output folder), CKPT (the FDSL
 checkpoint) and TMP (the case's scratch folder). Takes about a minute on 2 CPU cores.
