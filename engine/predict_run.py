@@ -151,7 +151,7 @@ def format_summary(
 
 # the argparse destinations of `add_predict_arguments` (everything else a predict CLI parses is a method option)
 PREDICT_FLAGS = ("reference", "images", "out", "threshold", "threshold_rule", "margin", "z", "pixel_threshold",
-                 "class_name", "batch_size", "device", "no_panels", "quiet")  # fmt: skip
+                 "class_name", "batch_size", "device", "no_panels", "vis", "quiet", "progress")  # fmt: skip
 
 
 def add_predict_arguments(parser: Any) -> Any:
@@ -172,9 +172,21 @@ def add_predict_arguments(parser: Any) -> Any:
     parser.add_argument("--class-name", default=DEFAULT_CLASS_NAME, help="name passed to the detector's setup")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="cpu, a CUDA index (0) or cuda:N")
-    parser.add_argument("--no-panels", action="store_true", help="skip the PNG panels")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--no-panels", action="store_true", help="skip the PNG panels (= --vis 0)")
+    parser.add_argument("--vis", type=int, choices=(0, 1), nargs="?", const=1, default=None,
+                        help="write the PNG panels, as every command spells it (default 1)")  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (= --progress 0)")
+    parser.add_argument("--progress", type=int, choices=(0, 1), nargs="?", const=1, default=None,
+                        help="progress bar, as every command spells it (default 1)")  # fmt: skip
     return parser
+
+
+def unify_switches(args: Any) -> None:
+    """`--vis 0|1` and `--progress 0|1` (the spelling of the eval commands) onto `--no-panels` / `--quiet`."""
+    if getattr(args, "vis", None) is not None:
+        args.no_panels = not args.vis
+    if getattr(args, "progress", None) is not None:
+        args.quiet = not args.progress
 
 
 def run_cli(
@@ -185,6 +197,7 @@ def run_cli(
     Each observer is called once with the run's `PredictRecords`, after scoring and before the outputs are written.
     """
     start = time.perf_counter()
+    unify_switches(args)
     if args.batch_size < 1 or args.margin < 0 or args.z < 0:
         raise UserError("--batch-size must be >= 1 and --margin, --z >= 0")
     device = parse_device(args.device)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from common.utils import UserError, cli_entry, set_seed
-from engine.predict_run import add_predict_arguments, run_cli
+from engine.predict_run import add_predict_arguments, run_cli, unify_switches
 
 if TYPE_CHECKING:
     from pcsnet.trainer import PCSNetDetector
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    unify_switches(args)  # --progress 0 = --quiet
     options = {
         "config": args.config,
         "backbone": args.backbone,
