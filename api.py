@@ -29,8 +29,9 @@ BUILDERS: dict[str, tuple[str, str]] = {m.name: tuple(m.build.split(":")) for m 
 
 def load_builder(method: str) -> Callable[..., Any]:
     """The builder function of `method` (UserError: unknown method, or its module/function does not exist)."""
-    registry.get_method(method)
-    return registry.load(":".join(BUILDERS[method]), f"method '{method}' has no predict support yet")
+    entry = registry.get_method(method)
+    target = ":".join(BUILDERS[method]) if method in BUILDERS else entry.build
+    return registry.load(target, f"method '{method}' has no predict support yet")
 
 
 def build_detector(

@@ -44,7 +44,11 @@ def _build(name: str, root: Path):
 
 @pytest.mark.parametrize("name", list(registry.METHODS))
 def test_method_follows_the_contract(name: str, root: Path) -> None:
-    detector = _build(name, root)
+    check_contract(_build(name, root), root)
+
+
+def check_contract(detector, root: Path) -> None:
+    """Every check of the contract on one built (not yet set-up) detector."""
     # the specs are the detector's own attributes
     assert isinstance(detector, Detector)
     assert len(detector.mean) == 3 and len(detector.std) == 3 and isinstance(detector.image_size, int)
@@ -88,7 +92,10 @@ def test_method_follows_the_contract(name: str, root: Path) -> None:
 
 @pytest.mark.parametrize("name", list(registry.METHODS))
 def test_eval_cli_writes_every_contract_key(name: str, root: Path, tmp_path: Path) -> None:
-    method = registry.METHODS[name]
+    check_results_json(registry.METHODS[name], root, tmp_path)
+
+
+def check_results_json(method: registry.Method, root: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = ["--dataset-root", str(root), "--k-shot", str(K_SHOT), "--seed", "0", "--save-dir", str(out),
             *method.tiny_eval]  # fmt: skip
@@ -113,3 +120,71 @@ def test_post_process_is_upsample_smooth_then_max() -> None:
     given = torch.tensor([0.5])
     scores, smoothed = post_process(DetectorOutput(given, raw), PostSpec(size=4, smooth_sigma=1.0))
     assert float(scores[0]) == 0.5 and float(smoothed.max()) < 4.0  # a given score is kept; smoothing lowers the peak
+
+
+# ------------------------------------------------------------------ a new method: one file (here: below) + one line
+
+
+class MeanImageDetector:
+    """A toy method: the anomaly map is the channel-mean |x - mean support image| on an 8 x 8 grid."""
+
+    mean, std, image_size = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 64
+    smooth_sigma, eval_size, score_fusion = 1.0, None, None
+
+    def __init__(self) -> None:
+        self.reference: torch.Tensor | None = None
+
+    def setup(self, class_name: str, support_images: torch.Tensor) -> None:
+        self.reference = support_images.mean(0)
+
+    def predict(self, images: torch.Tensor) -> DetectorOutput:
+        from common.contract import require_setup
+
+        require_setup(self.reference is not None, type(self).__name__)
+        diff = (images - self.reference).abs().mean(1, keepdim=True)
+        return DetectorOutput(None, torch.nn.functional.avg_pool2d(diff, 8)[:, 0])
+
+    def report(self) -> dict:
+        return {"toy": True}
+
+
+def build_toy(references, device, **options) -> MeanImageDetector:
+    return MeanImageDetector()
+
+
+def toy_eval_main(argv: list[str]) -> int:
+    from common.utils import cli_entry
+    from engine.runner import EvalRequest, print_summary, run_eval
+
+    @cli_entry
+    def main(argv: list[str]) -> int:
+        args = dict(zip(argv[::2], argv[1::2]))
+        request = EvalRequest("toy", args["--dataset-root"], int(args["--k-shot"]), int(args["--seed"]),
+                              args["--save-dir"], progress=False)  # fmt: skip
+        print_summary(run_eval(request, lambda device, meta: MeanImageDetector(), backbone="none"), args["--save-dir"])
+        return 0
+
+    return main(argv)
+
+
+TOY = registry.Method("toy", "tests.test_contract:build_toy", "tests.test_contract:toy_eval_main",
+                      "baseline.predict:main")  # the one registry line a new method adds  # fmt: skip
+
+
+def test_a_method_added_with_one_registry_line_is_served_everywhere(root: Path, tmp_path: Path, monkeypatch) -> None:
+    import api
+    from engine import cli
+
+    monkeypatch.setitem(registry.METHODS, "toy", TOY)
+    check_contract(registry.load_builder("toy")([], torch.device("cpu")), root)
+    check_results_json(TOY, root, tmp_path)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["method"] == "toy" and results["toy"] is True  # report() lands in results.json
+    # `fsad eval --method toy` and the Python API find it through the registry
+    out = tmp_path / "fsad"
+    argv = ["eval", "--method", "toy", "--dataset-root", str(root), "--k-shot", "2", "--seed", "0",
+            "--save-dir", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0 and json.loads((out / "results.json").read_text())["per_class"] == results["per_class"]
+    predictor = api.build_detector("toy", str(root / CLASS / "train" / "good"))
+    score, anomaly_map = predictor.predict(str(root / CLASS / "test" / "crack" / "000.png"))
+    assert anomaly_map.shape == (64, 64) and predictor.decide(score) == (score > predictor.threshold)
