@@ -103,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint": "FDSL checkpoint from python -m fdsl.train (default: the shipped efficientnet_lite0 demo head)",
         "image_score": "max = FDSL's own score; map = the maximum of the smoothed map (default: max)",
     }
-    return config.add_fields(p, TestConfig, PREDICT_FIELDS, PREDICT_DEFAULTS, helps)
+    config.add_fields(p, TestConfig, PREDICT_FIELDS, PREDICT_DEFAULTS, helps)
+    for action in p._actions:  # no test set in a predict run: the transductive `paper` fusion is not offered
+        if action.dest == "image_score":
+            action.choices = PREDICT_IMAGE_SCORES
+    return p
 
 
 @cli_entry
