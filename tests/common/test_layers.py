@@ -10,7 +10,8 @@ import importlib, pkgutil, sys
 import common
 for module in pkgutil.iter_modules(common.__path__):
     importlib.import_module("common." + module.name)
-print(sorted({n.split(".")[0] for n in sys.modules} & {"data", "engine", "report", "fdsl", "pcsnet", "baseline", "api"}))
+above = {"data", "engine", "report", "export", "fdsl", "pcsnet", "baseline", "api"}
+print(sorted({n.split(".")[0] for n in sys.modules} & above))
 """
 
 
