@@ -5,51 +5,33 @@
     score, anomaly_map = detector.predict("photos/new/0042.jpg")  # map: float32 (H, W) at the image's size
     if detector.decide(score): ...                                # score > detector.threshold
 
-Methods: "knn" (training-free baseline), "fdsl", "pcsnet". Each is a builder `build_<method>_detector` found lazily
-in `<package>.predict` (contract: common/predict.py), so importing this module loads no model code.
+Methods: those of `engine/registry.py` ("knn", the training-free baseline, "fdsl", "pcsnet"); each builder is
+imported on first use, so importing this module loads no model code. Detector contract: common/contract.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from common.predict import DEFAULT_CLASS_NAME, DEFAULT_MARGIN, DEFAULT_RULE, DEFAULT_Z, Predictor, read_references
-from common.utils import UserError, parse_device
+from common.predict import DEFAULT_CLASS_NAME, DEFAULT_MARGIN, DEFAULT_RULE, DEFAULT_Z
+from common.utils import parse_device
+from engine import registry
+from engine.predictor import Predictor, read_references
 
-# method -> (module, builder function); imported on first use
-BUILDERS: dict[str, tuple[str, str]] = {
-    "knn": ("baseline.predict", "build_knn_detector"),
-    "fdsl": ("fdsl.predict", "build_fdsl_detector"),
-    "pcsnet": ("pcsnet.predict", "build_pcsnet_detector"),
-}
+METHODS = tuple(registry.METHODS)  # "knn", "fdsl", "pcsnet": the registry's names (engine/registry.py)
+# method -> (module, builder function), derived from the registry (kept for callers of the older API)
+BUILDERS: dict[str, tuple[str, str]] = {m.name: tuple(m.build.split(":")) for m in registry.METHODS.values()}
 
 
 def load_builder(method: str) -> Callable[..., Any]:
-    """The builder function of `method`.
-
-    Raises:
-        UserError: unknown method, or its predict module/function does not exist (yet).
-    """
-    if method not in BUILDERS:
-        raise UserError(f"unknown method '{method}': use one of {', '.join(BUILDERS)}")
-    module_name, function_name = BUILDERS[method]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        # Only "the predict module itself is missing" means "not available"; a missing dependency inside it is a
-        # real error and propagates.
-        if exc.name not in (module_name, module_name.split(".")[0]):
-            raise
-        raise UserError(f"method '{method}' has no predict support yet: module {module_name} not found") from exc
-    builder = getattr(module, function_name, None)
-    if builder is None:
-        raise UserError(f"method '{method}' has no predict support yet: {module_name}.{function_name} not found")
-    return builder
+    """The builder function of `method` (UserError: unknown method, or its module/function does not exist)."""
+    entry = registry.get_method(method)
+    target = ":".join(BUILDERS[method]) if method in BUILDERS else entry.build
+    return registry.load(target, f"method '{method}' has no predict support yet")
 
 
 def build_detector(
@@ -69,7 +51,7 @@ def build_detector(
     """A ready detector: set up on the references, with a threshold estimated from them (leave-one-out).
 
     Args:
-        method: "knn", "fdsl" or "pcsnet".
+        method: a name of `engine.registry.METHODS` ("knn", "fdsl", "pcsnet").
         references: a folder (non-recursive), image files, or uint8 arrays `(H, W)` / `(H, W, 3)`; any sizes.
             Unreadable files are skipped (`UserError` when none is readable).
         device: "cpu", a CUDA index ("0") or "cuda:N"; None = CUDA when available.

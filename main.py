@@ -1,6 +1,6 @@
 """PCSNet few-shot anomaly detection: train one model per class on k support images, then evaluate once.
 
-Usage (design/CONTRACT.md):
+Usage (docs/design/CONTRACT.md):
     python main.py --data-root DIR --k-shot K --seed S --save-dir OUT [--class-name all|NAME]
                    [--backbone NAME] [--image-size N] [--epochs N] [--device D]
     python main.py            # the paper protocol (as the original's usage): configs/pcsnet/paper.yaml, k = 2,
@@ -21,9 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # repo root, so `common`/`pcsnet` import from anywhere
-
-from common.evaluation import add_report_arguments, report_images_option, write_run_report  # noqa: E402
+from common.evaluation import add_report_arguments, report_images_option
 from common.utils import (  # noqa: E402
     PRECISIONS,
     UserError,
@@ -37,7 +35,7 @@ from common.utils import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 PAPER_CONFIG = REPO / "configs" / "pcsnet" / "paper.yaml"
-PAPER_K_SHOT = 2  # design/pcsnet.md section 4: the original hard-codes k = 2
+PAPER_K_SHOT = 2  # docs/design/pcsnet.md section 4: the original hard-codes k = 2
 PAPER_SAVE_DIR = "runs/pcsnet_paper"
 PAPER_DATA_ROOT = "./data/mvtec"
 
@@ -45,7 +43,7 @@ PAPER_DATA_ROOT = "./data/mvtec"
 def build_parser() -> argparse.ArgumentParser:
     """The CONTRACT flags plus PCSNet's own (None = take the config's value)."""
     p = argparse.ArgumentParser(description="PCSNet (TNNLS 2024) few-shot anomaly detection: train per class, test.")
-    p.add_argument("--data-root", metavar="DIR",
+    p.add_argument("--data-root", "--dataset-root", dest="data_root", metavar="DIR",
                    help="dataset folder with meta.json (required, except in paper mode)")  # fmt: skip
     p.add_argument("--k-shot", type=int, help="support images per class (>= 1; required, except in paper mode: 2)")
     p.add_argument("--seed", type=int, default=0, help="support draw, pseudo anomalies and init (default 0)")
@@ -69,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aug-pool", type=int, help="pseudo anomalies precomputed per support image (0 = fresh per step)")
     p.add_argument("--batch-size", type=int, help="clean support images per training step (default 2)")
     p.add_argument("--pdc-mode", choices=("softmax", "bce"), help="L_PDC form (default softmax ranking)")
-    p.add_argument("--fuse-pfa", type=float, help="add this weight x the PFA distance map to the CAS map (default 0)")
+    p.add_argument("--fuse-pfa", type=float, help="weight x PFA distance map added to CAS (default 1.0; paper 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any PCSNet config option (YAML value), e.g. --set lr_cas=0.001; repeatable")  # fmt: skip
     p.add_argument("--vis-dir", metavar="DIR", help="write heat-map PNG panels of every test image here")
@@ -232,11 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     save_dir = check_writable_dir(args.save_dir)
 
     from common.backbones import build_backbone
-    from common.evaluation import ClassResult, EvalConfig, check_eval_inputs, evaluate_sharded, timing_breakdown
+    from common.evaluation import check_eval_inputs, timing_breakdown
     from common.few_shot import sample_support
     from common.results import build_results, write_results
     from common.utils import atomic_write_json
     from data.meta import load_meta
+    from engine.loop import ClassResult, EvalConfig, evaluate_sharded
+    from engine.reporting import EvalReport, remove_stale
     from pcsnet.config import config_to_dict
     from pcsnet.trainer import PCSNetDetector
 
@@ -268,13 +268,15 @@ def main(argv: list[str] | None = None) -> int:
             "final_loss": history[-1] if history else None, "evals": selector.evals.get(name) if selector else None,
         })  # fmt: skip
 
+    report_images = report_images_option(args.report_images, args.no_report)
+    report = EvalReport(args.data_root, report_images) if report_images is not None else None
     eval_cfg = EvalConfig(
         dataset_root=args.data_root, k_shot=args.k_shot, seed=args.seed, image_size=cfg.image_size,
         mean=backbone.mean, std=backbone.std, class_names=todo, batch_size=cfg.test_batch_size,
         num_workers=resolve_workers(cfg.num_workers, device),
         smooth_sigma=cfg.smooth_sigma, device=device, vis_dir=args.vis_dir, class_done=record if args.resume else None,
         resize_size=cfg.resolved_resize(), resample=cfg.resample,
-        report_images=report_images_option(args.report_images, args.no_report),
+        observers=[report] if report is not None else [],
     )  # fmt: skip
     selector = None
     if cfg.select == "best-of-evals":
@@ -285,17 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     if done and distributed.is_main():
         print(f"--resume: {len(done)} class(es) already recorded in {save_dir / 'classes'}: {', '.join(done)}")
     start = time.perf_counter()
-    fresh, train_s, final_losses, evals = {}, {}, {}, {}
+    fresh, train_s, final_losses, evals, sections = {}, {}, {}, {}, {}
     if todo:
         fresh, _, payloads = evaluate_sharded(
             detector, eval_cfg, progress=not args.quiet and distributed.is_main(),
             payload=lambda: (detector.train_seconds, {c: h[-1] if h else None for c, h in detector.histories.items()},
-                             selector.evals if selector else {}),
+                             selector.evals if selector else {}, report.sections if report else {}),
         )  # fmt: skip
-        for seconds, losses, passes in payloads:
+        for seconds, losses, passes, rendered in payloads:
             train_s.update(seconds)
             final_losses.update(losses)
             evals.update(passes)
+            sections.update(rendered)
     total = time.perf_counter() - start
     for name, rec in done.items():
         fresh[name] = ClassResult(rec["metrics"], rec["support"], rec["n_images"], rec["seconds"],
@@ -333,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     distributed.cleanup()
     if distributed.is_main():
         write_results(save_dir, results, log)
-        write_run_report(save_dir, results, per_class, eval_cfg.report_images)
+        if report is not None:  # after results.json, which the page describes
+            report.write(save_dir, results, sections)
+        else:
+            remove_stale(save_dir)
         print(Path(save_dir, "log.txt").read_text())
     return 0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# FDSL few-shot test only (the seed's test_few_shot.sh, fdsl.md section 6), with the checkpoints that
+# FDSL few-shot test only (the seed's test_few_shot.sh, docs/design/fdsl.md section 6), with the checkpoints that
 # trainAndTest.sh trained under the same MODEL_NAME: VisA with epoch TEST_EPOCH_VISA of the MVTec-trained run,
 # MVTec with epoch TEST_EPOCH_MVTEC of the VisA-trained run (PROTOCOL=paper: 5 and 5, as the original; ours: the
 # last epochs). The stitched window map goes through NAM whenever USE_NAM=1 (see fdsl/driver_common.sh).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# FDSL cross-dataset protocol (the seed's trainAndTest.sh, fdsl.md section 6; issue 14):
+# FDSL cross-dataset protocol (the seed's trainAndTest.sh, docs/design/fdsl.md section 6; issue 14):
 #   (a) train on MVTec (mosaic 0.3, EPOCHS_MVTEC=5)  -> exps/visa/<backbone>/fewshot/NAME
 #   (b) train on VisA (zoom crops, EPOCHS_VISA=11)   -> exps/mvtec/<backbone>/fewshot/NAME
 #   (c) test VisA with epoch TEST_EPOCH_VISA of (a); (d) test MVTec with epoch TEST_EPOCH_MVTEC of (b)

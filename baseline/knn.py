@@ -8,38 +8,55 @@ bank patch; the map is upsampled, smoothed (sigma 4) and its maximum is the imag
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import config
 from common.anomaly_map import GAUSSIAN_SIGMA
 from common.backbones import align_features, build_backbone, resolve_image_size
-from common.evaluation import (
-    EvalConfig,
-    add_report_arguments,
-    check_eval_inputs,
-    evaluate,
-    report_images_option,
-    timing_breakdown,
-    write_run_report,
-)
+from common.contract import DetectorOutput, require_setup
+from common.evaluation import DEFAULT_REPORT_IMAGES, report_images_option
 from common.memory_bank import MemoryBank
-from common.results import build_results, format_table, write_results
-from common.utils import (
-    PRECISIONS,
-    UserError,
-    check_output_outside,
-    check_writable_dir,
-    cli_entry,
-    parse_device,
-    parse_int_list,
-    resolve_workers,
-    set_seed,
-)
-from data.meta import load_meta
+from common.utils import PRECISIONS, UserError, cli_entry, parse_int_list, set_seed
+
+_opt = config.option
+
+
+@dataclass
+class KNNConfig:
+    """`python -m baseline.knn` options (flags and `--config FILE` are generated from these fields)."""
+
+    dataset_root: str = _opt("", "MVTec-layout dataset with meta.json", required=True, aliases=("--data-root",))
+    k_shot: int = _opt(0, "support images per class", required=True)
+    seed: int = _opt(0, "seed of the support draw")
+    save_dir: str = _opt("", "output folder for results.json and log.txt", required=True)
+    class_name: str = _opt("all", "'all' or a comma-separated list of classes")
+    backbone: str = _opt("efficientnet_lite0", "backbone name (common.backbones)")
+    pretrained: str | None = _opt(None, "CLIP tag/file or WRN weights file")
+    layers: str | None = _opt(None, "comma-separated backbone levels (default per backbone)")
+    image_size: int | None = _opt(None, "input size (default: the backbone's)")
+    metric: str = _opt("l2", "patch distance: l2 (PatchCore) or cosine (AnomalyDINO)", choices=("l2", "cosine"))
+    nn_backend: str = _opt("auto", "auto: faiss on CPU (faster here), torch on CUDA",
+                           choices=("auto", "torch", "faiss"))  # fmt: skip
+    coreset: float = _opt(1.0, "fraction of support patches kept in the bank, greedy k-center as PatchCore (1.0 = all, "
+                          "exact)")  # fmt: skip
+    batch_size: int = _opt(16, "test batch size")
+    num_workers: int | None = _opt(None, "DataLoader workers decoding test images (default: 0 on CPU, up to 4 on CUDA)")
+    device: str = _opt("cpu", "cpu, a CUDA index (0) or cuda:N")
+    precision: str = _opt("fp32", "backbone forward: fp32, or bf16 / fp16 autocast (fp16: CUDA only)",
+                          choices=PRECISIONS)  # fmt: skip
+    vis: int = _opt(0, "save image | heat-map panels under SAVE_DIR/vis", choices=(0, 1))
+    progress: int = _opt(1, "progress bars", choices=(0, 1), off_flag="--quiet")
+    resume: int = _opt(0, "record each finished class in SAVE_DIR/classes/ and skip the ones an earlier run with the "
+                       "same options recorded", choices=(0, 1))  # fmt: skip
+    report_images: int = _opt(DEFAULT_REPORT_IMAGES, "SAVE_DIR/report.html: example images per group and class "
+                              "(worst normals, worst anomalies; 0 = curves and tables only)")  # fmt: skip
+    no_report: int = _opt(0, "do not write SAVE_DIR/report.html (and remove one an earlier run left there)",
+                          choices=(0, 1))  # fmt: skip
 
 
 class KNNDetector(nn.Module):
@@ -52,15 +69,28 @@ class KNNDetector(nn.Module):
         nn_backend: `auto`, `torch` or `faiss`.
         coreset: fraction of the support patches kept in the bank by greedy k-center selection (PatchCore);
             1.0 keeps them all (exact nearest-neighbour search).
+        image_size: input side S (default: the backbone's); a multiple of its patch size.
     """
 
+    smooth_sigma = GAUSSIAN_SIGMA  # PatchCore's gaussian on the upsampled map
+    eval_size = None  # metrics at the input size
+    score_fusion = None  # the image score is the map maximum, per image
+
     def __init__(
-        self, backbone: nn.Module, metric: str = "l2", pool: int = 3, nn_backend: str = "auto", coreset: float = 1.0
+        self,
+        backbone: nn.Module,
+        metric: str = "l2",
+        pool: int = 3,
+        nn_backend: str = "auto",
+        coreset: float = 1.0,
+        image_size: int | None = None,
     ):
         super().__init__()
-        self.backbone, self.pool, self.coreset = backbone, pool, coreset
+        self.backbone, self.pool, self.coreset, self.metric = backbone, pool, coreset, metric
         self.bank = MemoryBank(metric=metric, backend=nn_backend)
         self.class_name: str | None = None
+        self.mean, self.std = backbone.mean, backbone.std
+        self.image_size = resolve_image_size(backbone, image_size)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, h, w, C) locally pooled, level-concatenated patch features."""
@@ -76,91 +106,52 @@ class KNNDetector(nn.Module):
         self.bank.fit(self.embed(support_images).flatten(0, 2), coreset_ratio=self.coreset)
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> tuple[None, torch.Tensor]:
+    def predict(self, images: torch.Tensor) -> DetectorOutput:
         """(B, 3, H, W) -> (None, (B, h, w) distance map); the image score is taken from the smoothed map."""
+        require_setup(self.class_name is not None, type(self).__name__)
         emb = self.embed(images)
         b, h, w, c = emb.shape
         dist, _ = self.bank.search(emb.reshape(-1, c), k=1)
-        return None, dist.reshape(b, h, w)
+        return DetectorOutput(None, dist.reshape(b, h, w))
+
+    def report(self) -> dict:
+        """results.json extras: the distance, the coreset fraction and the bank's size."""
+        return {"metric": self.metric, "coreset": self.coreset, "bank_bytes": self.bank.nbytes}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m baseline.knn", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset-root", required=True, help="MVTec-layout dataset with meta.json")
-    p.add_argument("--k-shot", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-dir", required=True)
-    p.add_argument("--class-name", default="all", help="'all' or a comma-separated list of classes")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--pretrained", default=None, help="CLIP tag/file or WRN weights file")
-    p.add_argument("--layers", default=None, help="comma-separated backbone levels (default per backbone)")
-    p.add_argument("--image-size", type=int, default=None, help="input size (default: the backbone's)")
-    p.add_argument("--metric", choices=("l2", "cosine"), default="l2")
-    p.add_argument(
-        "--nn-backend",
-        choices=("auto", "torch", "faiss"),
-        default="auto",
-        help="auto: faiss on CPU (faster here), torch on CUDA",
-    )
-    p.add_argument(
-        "--coreset",
-        type=float,
-        default=1.0,
-        help="fraction of support patches kept in the bank, greedy k-center as PatchCore (default 1.0 = all, exact)",
-    )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="DataLoader workers decoding test images (default: 0 on CPU, up to 4 on CUDA)")  # fmt: skip
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="backbone forward: fp32, or bf16 / fp16 autocast (fp16: CUDA only)")  # fmt: skip
-    p.add_argument("--vis", action="store_true", help="save image | heat-map panels under SAVE_DIR/vis")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_report_arguments(p)
-    return p
+def check_config(cfg: KNNConfig) -> None:
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    if not 0.0 < cfg.coreset <= 1.0:
+        raise UserError(f"--coreset must be in (0, 1] (got {cfg.coreset})")
+    if cfg.image_size is not None and cfg.image_size < 1:
+        raise UserError(f"--image-size must be positive (got {cfg.image_size})")
+
+
+def build_parser():
+    return config.build_parser(KNNConfig, "python -m baseline.knn", __doc__.splitlines()[0], default_config="")
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    if not 0.0 < args.coreset <= 1.0:
-        raise UserError(f"--coreset must be in (0, 1] (got {args.coreset})")
-    if args.image_size is not None and args.image_size < 1:
-        raise UserError(f"--image-size must be positive (got {args.image_size})")
-    report_images = report_images_option(args.report_images, args.no_report)
-    device = parse_device(args.device)
-    workers = resolve_workers(args.num_workers, device)
-    layers = parse_int_list(args.layers, "--layers")
-    # every input check before the backbone loads: the dataset, the classes and their support draws, the output
-    classes = None if args.class_name == "all" else args.class_name.split(",")
-    meta = load_meta(args.dataset_root)
-    check_eval_inputs(meta, args.dataset_root, classes, args.k_shot, args.seed)
-    check_output_outside(args.save_dir, args.dataset_root, "--save-dir")
-    check_writable_dir(args.save_dir)
-    set_seed(args.seed)
-    backbone = build_backbone(args.backbone, args.pretrained, layers, device, precision=args.precision)
-    size = resolve_image_size(backbone, args.image_size)
-    detector = KNNDetector(backbone, args.metric, nn_backend=args.nn_backend, coreset=args.coreset)
-    cfg = EvalConfig(
-        args.dataset_root, args.k_shot, args.seed, size, backbone.mean, backbone.std, classes,
-        batch_size=args.batch_size, smooth_sigma=GAUSSIAN_SIGMA, device=device, num_workers=workers,
-        vis_dir=f"{args.save_dir}/vis" if args.vis else None, report_images=report_images,
-    )  # fmt: skip
-    per_class, seconds = evaluate(detector, cfg, progress=not args.quiet)
-    results = build_results(
-        "knn", args.dataset_root, args.k_shot, args.seed, args.backbone, size,
-        {c: r.metrics for c, r in per_class.items()}, {c: r.support for c, r in per_class.items()},
-        sum(r.n_images for r in per_class.values()), seconds,
-        extra={"metric": args.metric, "coreset": args.coreset, "bank_bytes": detector.bank.nbytes},
-        timing=timing_breakdown(per_class),
-    )  # fmt: skip
-    write_results(args.save_dir, results)
-    report = write_run_report(args.save_dir, results, per_class, report_images)
-    print(format_table(results))
-    print(f"results: {args.save_dir}/results.json  ({results['timing']['seconds_per_image']:.3f} s/image)"
-          + (f"  report: {report}" if report else ""))  # fmt: skip
+    from engine.runner import print_summary, request_from, run_eval
+
+    cfg = config.resolve_config(KNNConfig, build_parser(), argv)
+    check_config(cfg)
+    layers = parse_int_list(cfg.layers, "--layers")
+    classes = None if cfg.class_name == "all" else cfg.class_name.split(",")
+
+    def build(device: torch.device, meta: dict) -> KNNDetector:
+        set_seed(cfg.seed)
+        backbone = build_backbone(cfg.backbone, cfg.pretrained, layers, device, precision=cfg.precision)
+        return KNNDetector(backbone, cfg.metric, nn_backend=cfg.nn_backend, coreset=cfg.coreset,
+                           image_size=cfg.image_size)  # fmt: skip
+
+    request = request_from(cfg, "knn", class_names=classes, progress=bool(cfg.progress), resume=bool(cfg.resume),
+                           vis_dir=f"{cfg.save_dir}/vis" if cfg.vis else None,
+                           report_images=report_images_option(cfg.report_images, bool(cfg.no_report)))  # fmt: skip
+    results = run_eval(request, build, backbone=cfg.backbone, options=asdict(cfg))
+    print_summary(results, cfg.save_dir)
     return 0
 
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from common.backbones import build_backbone, resolve_image_size
-from common.predict_run import add_predict_arguments, run_cli
+from common.backbones import build_backbone
 from common.utils import cli_entry, parse_int_list
+from engine.predict_run import add_predict_arguments, run_cli
 
 if TYPE_CHECKING:
     from baseline.knn import KNNDetector
@@ -35,10 +35,10 @@ def build_knn_detector(
     metric: str = "l2",
     nn_backend: str = "auto",
 ) -> KNNDetector:
-    """The kNN baseline as a predict detector (builder contract in common/predict.py).
+    """The kNN baseline as a predict detector (builder contract: engine/registry.py, detector: common/contract.py).
 
     Args:
-        references: RGB uint8 good images (unused here: the bank is filled by `setup`).
+        references: RGB uint8 good images (unused: the predictor calls `setup`; the signature is the registry's).
         device: torch device.
         backbone: `common.backbones` name.
         pretrained: CLIP tag/file or WRN weights file.
@@ -48,16 +48,12 @@ def build_knn_detector(
         nn_backend: `auto` (faiss on CPU), `torch` or `faiss`.
 
     Returns:
-        A `KNNDetector` on `device` with `mean`, `std` and `image_size` attributes.
+        A `KNNDetector` on `device`; it declares its own `mean`, `std`, `image_size` and `smooth_sigma`.
     """
-    from baseline.knn import KNNDetector  # here: baseline.knn's evaluation imports (scikit-learn) cost seconds
+    from baseline.knn import KNNDetector
 
-    del references
     model = build_backbone(backbone, pretrained, layers, torch.device(device))
-    size = resolve_image_size(model, image_size)
-    detector = KNNDetector(model, metric, nn_backend=nn_backend).to(device)
-    detector.mean, detector.std, detector.image_size = model.mean, model.std, size
-    return detector
+    return KNNDetector(model, metric, nn_backend=nn_backend, image_size=image_size).to(device)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,7 +64,7 @@ _FORWARD_SECONDS = [0.0]  # wall time spent in every backbone's forward, this pr
 
 
 def backbone_seconds() -> float:
-    """Seconds spent so far in backbone forwards (all backbones of this process; CUDA forwards synchronised).
+    """Seconds spent so far in backbone forwards timed under `common.timing.backbone_timing()` (CUDA synchronised).
 
     Read it before and after a phase: the difference is that phase's feature-extraction time (the benchmark's
     "backbone share")."""
@@ -94,9 +94,7 @@ class Backbone(nn.Module):
         self.mean, self.std = tuple(mean), tuple(std)
         self.default_image_size, self.embed_dim = default_image_size, embed_dim
         self._forward_start = 0.0
-        self.precision = "fp32"
-        self.register_forward_pre_hook(_forward_started)
-        self.register_forward_hook(_forward_ended)
+        self.precision = "fp32"  # forward timing is opt-in: common.timing.backbone_timing()
 
     def set_precision(self, precision: str) -> Backbone:
         """Run the forward in `fp32` (default), or under autocast in `bf16` / `fp16` (CUDA only; on CPU bf16 works
@@ -231,7 +229,7 @@ def _block_channels(stage: nn.Module) -> int:
 
 
 WRN_EXPORTS = ("relu", "leaky_relu")
-# PCSNet/CFA backbone wrapper (design/pcsnet.md section 1): the exported layer outputs are leaky_relu (slope 0.01)
+# PCSNet/CFA backbone wrapper (docs/design/pcsnet.md section 1): the exported layer outputs are leaky_relu (slope 0.01)
 # of the last block's pre-activation sum; the next layer still sees the ReLU, as in torchvision.
 WRN_LEAKY_SLOPE = 0.01
 

@@ -1,6 +1,6 @@
 """Image- and pixel-level anomaly-detection metrics as pure functions returning dicts of named numbers.
 
-Keys are exactly those of results.json (design/CONTRACT.md). Values are plain Python floats in [0, 1], or None
+Keys are exactly those of results.json (docs/design/CONTRACT.md). Values are plain Python floats in [0, 1], or None
 where the metric is undefined (a single class among the labels, no mask known). Inputs may be numpy arrays or
 torch tensors (any device); scores are used as float32, labels and masks are binarised with `> 0.5`.
 """

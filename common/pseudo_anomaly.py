@@ -2,7 +2,7 @@
 
 `synthesize_defect` draws one defect of a named kind (scratch, hole, blob, color, cutpaste, foreign) and returns
 the new image with a mask of exactly the pixels it changed. `nsa_cutpaste` reproduces NSA's `patch_ex` with the
-settings PCSNet uses (design/pcsnet.md section 3). Both are deterministic given a `np.random.Generator`.
+settings PCSNet uses (docs/design/pcsnet.md section 3). Both are deterministic given a `np.random.Generator`.
 Images are uint8 `(H, W, 3)`; a grey image (three equal channels) stays grey.
 """
 
@@ -20,7 +20,7 @@ MAX_AREA_FRACTION = 0.15  # scale 1: a large defect
 MIN_CHANGE = 2.0  # a pixel belongs to the mask when its channel-mean |change| is at least this (grey levels)
 MAX_TRIES = 20  # synthesize_defect retries before giving up
 
-# NSA patch_ex "CutPaste" preset as used by PCSNet (design/pcsnet.md section 3).
+# NSA patch_ex "CutPaste" preset as used by PCSNet (docs/design/pcsnet.md section 3).
 NSA_GAMMA_SHAPE, NSA_GAMMA_SCALE, NSA_GAMMA_OFFSET = 2.0, 0.05, 0.03  # half-width = offset + Gamma(shape, scale)
 NSA_MAX_TRIES = 200  # tries for a source box and then for a destination centre
 NSA_OBJECT_BLUR = 7  # median blur of the thresholded object mask
@@ -361,7 +361,7 @@ def nsa_cutpaste(
     min_overlap_pct: float = 0.25,
     skip_background: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """PCSNet's pseudo anomaly: NSA `patch_ex` with the "CutPaste" preset (design/pcsnet.md section 3).
+    """PCSNet's pseudo anomaly: NSA `patch_ex` with the "CutPaste" preset (docs/design/pcsnet.md section 3).
 
     Same-image patches, hard swap, shift, no resize, binary labels. Half-widths per axis are
     clip((0.03 + Gamma(2, 0.05)) * size, lo * size, hi * size). With `skip_background=(bg, thr)` the object is

@@ -1,4 +1,4 @@
-"""results.json (schema in design/CONTRACT.md) and the per-class log.txt table."""
+"""results.json (schema in docs/design/CONTRACT.md) and the per-class log.txt table."""
 
 from __future__ import annotations
 

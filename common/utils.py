@@ -203,6 +203,7 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"output folder {path} exists and is not a folder; choose another path")
+    watch_output(path)  # inside a CLI: the folder is put back as it was if the command fails
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -225,6 +226,103 @@ def check_output_outside(
         raise UserError(f"{flag} {output} is inside {what} {folder}; choose a folder outside it")
 
 
+
+class OutputGuard:
+    """Puts output folders back as they were when a command fails on bad input (nothing written on failure).
+
+    `watch(folder)` (called by `check_writable_dir` inside a `cli_entry` command, before the folder is created)
+    remembers whether the folder existed and, if so, every file in it, hard-linked into a hidden backup folder
+    inside it (no copy: atomic writes replace a file by a new inode, so the link keeps the old bytes). `rollback()`
+    deletes what the command created (files, folders, a folder that did not exist) and restores replaced or deleted
+    files; `commit()` drops the backups. A file rewritten in place (not atomically) cannot be restored this way:
+    every writer here is atomic (`atomic_write_*`).
+    """
+
+    BACKUP_PREFIX = ".fsad-rollback-"
+
+    def __init__(self) -> None:
+        self.folders: list[tuple[Path, Path | None, dict, set, Path | None]] = []
+
+    def watch(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder).absolute()
+        if any(folder == f or f in folder.parents for f, *_ in self.folders):
+            return
+        created = folder
+        while not created.parent.exists() and created.parent != created:  # mkdir(parents=True) creates these too
+            created = created.parent
+        if not folder.exists():
+            self.folders.append((folder, created, {}, set(), None))
+            return
+        files, dirs, backup = {}, set(), None
+        try:
+            backup = Path(tempfile.mkdtemp(prefix=self.BACKUP_PREFIX, dir=folder))
+        except OSError:  # a read-only folder: nothing can be written into it, so nothing needs undoing
+            self.folders.append((folder, None, {}, set(), None))
+            return
+        for index, path in enumerate(p for p in sorted(folder.rglob("*")) if not self._is_backup(folder, p)):
+            rel = path.relative_to(folder)
+            if path.is_dir() and not path.is_symlink():
+                dirs.add(rel)
+                continue
+            stat = path.lstat()
+            saved = backup / str(index)
+            try:
+                os.link(path, saved, follow_symlinks=False)
+            except OSError:
+                saved = None
+            files[rel] = ((stat.st_ino, stat.st_size, stat.st_mtime_ns), saved)
+        self.folders.append((folder, None, files, dirs, backup))
+
+    @classmethod
+    def _is_backup(cls, folder: Path, path: Path) -> bool:
+        return any(part.startswith(cls.BACKUP_PREFIX) for part in path.relative_to(folder).parts)
+
+    def rollback(self) -> None:
+        import shutil
+
+        for folder, created, files, dirs, backup in reversed(self.folders):
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+                continue
+            if not folder.exists():
+                continue
+            for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                rel = path.relative_to(folder)
+                if self._is_backup(folder, path):  # ours, or another process's (torchrun ranks) in flight
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    if rel not in dirs:
+                        shutil.rmtree(path, ignore_errors=True)
+                elif rel not in files:
+                    path.unlink(missing_ok=True)
+            for rel, (stamp, saved) in files.items():
+                path = folder / rel
+                now = path.lstat() if path.exists() or path.is_symlink() else None
+                if saved is not None and (now is None or (now.st_ino, now.st_size, now.st_mtime_ns) != stamp):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(saved, path)
+            if backup is not None:
+                shutil.rmtree(backup, ignore_errors=True)
+        self.folders = []
+
+    def commit(self) -> None:
+        import shutil
+
+        for _, _, _, _, backup in self.folders:
+            if backup is not None:
+                shutil.rmtree(backup, ignore_errors=True)
+        self.folders = []
+
+
+_GUARDS: list[OutputGuard] = []  # one per running cli_entry command (nested commands nest)
+
+
+def watch_output(folder: str | os.PathLike) -> None:
+    """Register an output folder with the running command's OutputGuard (no-op outside a `cli_entry` command)."""
+    if _GUARDS:
+        _GUARDS[-1].watch(folder)
+
+
 def _one_line(exc: UserError) -> str:
     """The message on one line. A DataLoader worker re-raises a UserError with the worker's traceback in the text
     ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): keep only the original message."""
@@ -236,22 +334,30 @@ def _one_line(exc: UserError) -> str:
 
 
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Decorate a CLI `main`: user errors become one line on stderr and exit code 2, no traceback."""
+    """Decorate a CLI `main`: user errors become one line on stderr and exit code 2, no traceback, and the output
+    folders the command registered (`check_writable_dir`) are put back as they were (`OutputGuard`)."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> int:
+        guard = OutputGuard()
+        _GUARDS.append(guard)
         try:
             code = main(*args, **kwargs)
         except UserError as exc:
+            guard.rollback()
             print(f"error: {_one_line(exc)}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # kept: an interrupted run's records are what --resume continues from
             print("error: interrupted", file=sys.stderr)
             return 130
         except OSError as exc:  # disk full, permissions, ... named with the file involved
+            guard.rollback()
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        finally:
+            _GUARDS.remove(guard)
+            guard.commit()  # after a rollback: nothing left to drop
         return int(code or 0)
 
     return wrapper

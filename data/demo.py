@@ -17,16 +17,13 @@ Deterministic: the same seed gives the same bytes. DIR must be new, empty, or an
 a `.demo_data` file); a rebuild replaces its textile/, materials/ and surfaces/ folders.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python data/demo.py` from anywhere
-
 import argparse  # noqa: E402
 import shutil  # noqa: E402
+import sys
 import time  # noqa: E402
 import zlib  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from pathlib import Path
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

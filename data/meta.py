@@ -1,6 +1,6 @@
 """Read, validate and write meta.json, and scan MVTec-layout trees into it.
 
-meta.json (design/CONTRACT.md): `{"train": {cls: [item]}, "test": {cls: [item]}}` with
+meta.json (docs/design/CONTRACT.md): `{"train": {cls: [item]}, "test": {cls: [item]}}` with
 item = `{"img_path", "mask_path", "cls_name", "specie_name", "anomaly"}`; paths are relative to the dataset
 root with forward slashes, `mask_path` is "" where there is none and `anomaly` is 0 or 1.
 """

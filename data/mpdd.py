@@ -7,8 +7,6 @@ the folder `mpdd` next to this script).
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, so `common`/`data` import from anywhere
-
 from common.utils import cli_entry
 from data.mvtec import build_parser, run_mvtec_layout
 

@@ -4,12 +4,9 @@ Usage: `python data/mvtec.py --root DIR` from the repo root, or `cd data && pyth
 the folder `mvtec` next to this script).
 """
 
+import argparse
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, so `common`/`data` import from anywhere
-
-import argparse
 
 from common.utils import cli_entry
 from data.meta import scan_mvtec_layout, write_meta

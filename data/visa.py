@@ -8,14 +8,11 @@ Usage: `python data/visa.py --root DIR [--check-files]`, or `cd data && python v
 folder `visa` next to this script).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, so `common`/`data` import from anywhere
-
 import argparse
 import csv
 import os
+import sys
+from pathlib import Path
 
 from common.utils import UserError, cli_entry
 from data.meta import (

@@ -3,10 +3,11 @@
     python -m export --method knn|fdsl|pcsnet --reference DIR --out OUT [--checkpoint F] [--backbone NAME]
            [--image-size N] [--device D] [--threshold T]
 
-Writes OUT/model.onnx (input `image` float32 (1, 3, S, S) already normalised; outputs `anomaly_map` (1, S, S) and
-`pred_score` (1,)) and OUT/preprocess.json (image_size, mean, std, resize, color and the threshold). The detector
-is built and set up exactly as `python -m <method>.predict` builds it (`api.build_detector`), including the
-leave-one-out threshold over the references. See docs/notes/export.md.
+Writes OUT/model.onnx (input `image` float32 (1, 3, S, S) already normalised; outputs `anomaly_map` (1, E, E) at
+the detector's eval size E (S unless it declares another) and `pred_score` (1,)) and OUT/preprocess.json
+(image_size, mean, std, resize, color and the threshold). The detector is built and set up exactly as
+`python -m <method>.predict` builds it (`api.build_detector`), including the leave-one-out threshold over the
+references. See docs/notes/export.md.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def preprocess_spec(predictor: Any, method: str, options: dict[str, Any]) -> dic
         "score_is_map_max": predictor.score_is_map_max, "method": method,
         "options": {k: str(v) if isinstance(v, os.PathLike) else v for k, v in options.items()},
         "input": "image float32 (1, 3, S, S), normalised: (pixel / 255 - mean) / std, channels RGB",
-        "outputs": "anomaly_map float32 (1, S, S) upsampled and smoothed; pred_score float32 (1,)",
+        "outputs": "anomaly_map float32 (1, E, E) upsampled to the eval size E and smoothed; pred_score float32 (1,)",
+        "eval_size": predictor.post.size,
     }  # fmt: skip
 
 
@@ -117,10 +119,10 @@ def verify(predictor: Any, model_path: Path, image: np.ndarray) -> tuple[float, 
 
 def export_predictor(predictor: Any, out: str | os.PathLike, method: str, options: dict[str, Any],
                      exporter: str | None = None, check_image: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
-    """Export a set-up `common.predict.Predictor` to OUT/model.onnx + OUT/preprocess.json (both atomic).
+    """Export a set-up `engine.predictor.Predictor` to OUT/model.onnx + OUT/preprocess.json (both atomic).
 
     Args:
-        predictor: from `api.build_detector` (or `common.predict.Predictor`).
+        predictor: from `api.build_detector` (or `engine.predictor.Predictor`).
         out: output folder (created).
         method, options: recorded in preprocess.json.
         exporter: `torchscript` or `dynamo` (default `export.graph.DEFAULT_EXPORTER`).
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = method_options(args)  # every flag check before a model loads
     from api import build_detector
-    from common.predict import read_references
+    from engine.predictor import read_references
 
     references, _, bad = read_references(args.reference)
     check_writable_dir(args.out)

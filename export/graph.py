@@ -1,8 +1,9 @@
 """One `nn.Module` around a set-up predict detector, and its ONNX export.
 
-The module does not reimplement any method: its forward is `common.predict.Predictor._forward`, the very function
-`predict` runs on every batch (the method's `detector.predict`, then `upsample_map`, `gaussian_smooth` and, for
-methods without their own score, the map maximum). While the graph is captured, `common.utils.capturing_graph()`
+The module does not reimplement any method: its forward is `engine.predictor.Predictor._forward`, the very
+function `predict` runs on every batch (the method's `detector.predict`, then `common.contract.post_process` with the
+detector's own spec: `upsample_map` to its eval size, `gaussian_smooth` and, for methods without their own score, the
+map maximum). While the graph is captured, `common.utils.capturing_graph()`
 switches the two non-torch fast paths of that code to their torch twins: faiss search -> the chunked matmul of
 `common.memory_bank` (exact distances, as faiss's path recomputes them), OpenCV's gaussian -> the separable fixed
 conv of `common.anomaly_map`. Reference features / prototypes, trained heads and the backbone are captured as
@@ -20,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common.predict import Predictor
 from common.utils import UserError
+from engine.predictor import Predictor
 
 EXPORTERS = ("torchscript", "dynamo")
 # Measured (docs/notes/export.md, 256 px, 4 references, 1 thread): the dynamo exporter's graph ran faster in
@@ -37,7 +38,8 @@ class ExportedDetector(nn.Module):
     """`image (1, 3, S, S)` normalised -> `anomaly_map (1, S, S)`, `pred_score (1,)`, exactly as `predict` scores.
 
     Args:
-        predictor: a set-up `common.predict.Predictor` (LOO threshold done, final setup on all references).
+        predictor: a set-up `engine.predictor.Predictor` (LOO threshold done, final setup on all
+            references).
     """
 
     def __init__(self, predictor: Predictor) -> None:

@@ -2,7 +2,7 @@
 
 - Mosaic (VAND/FDSL `aug_rate`, 0.3 on MVTec): a 2x2 grid of four test images of the same class, masks alike.
 - Zoom crop (FDSL `use_crop`, on VisA): a small crop resized back to full size. The original sends the
-  *normalised* tensor through ToPILImage, so values wrap and are never renormalised (fdsl.md section 5, bug);
+  *normalised* tensor through ToPILImage, so values wrap and are never renormalised (docs/design/fdsl.md s. 5, bug);
   here the crop is taken and resized in tensor space (image bilinear, mask bilinear then > 0.5).
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# FDSL dataset.py (fdsl.md section 5), sizes given at 518 px and scaled to the image size here.
+# FDSL dataset.py (docs/design/fdsl.md section 5), sizes given at 518 px and scaled to the image size here.
 CROP_PROB = 0.6  # an image is considered for cropping with this probability
 CROP_NORMAL_PROB = 0.5  # ... then a normal image is cropped with this probability (else kept whole)
 CROP_SMALL_PROB = 0.6  # ... an anomalous image gets the small crop with this probability (else the large one)

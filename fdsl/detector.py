@@ -1,6 +1,6 @@
 """The FDSL few-shot detector: per-class banks in `setup`, FD -> ASL (-> NAM) maps and LFE windows in `predict`.
 
-It follows the `common.evaluation.Detector` protocol. Banks are built when a class starts and replaced at the next
+It follows the detector contract of `common/contract.py`. Banks are built when a class starts and replaced at the next
 class, so memory does not grow with the number of classes (the original kept every class's window bank).
 """
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from common.anomaly_map import upsample_map
 from common.backbones import Backbone
+from common.contract import DetectorOutput, ScoreFusion, require_setup
 from common.memory_bank import greedy_coreset
 from fdsl.model import ASL_HIDDEN, FDSLHead, extract_levels, feature_discrepancy, flatten_tokens
 from fdsl.windows import (
@@ -148,6 +149,9 @@ class FDSLDetector:
         geometry: window geometry (required unless win_mode is `nan`).
         window_support_fn: class name -> (k, 3, S, S) images for the window bank. None = the support of
             `setup` (one draw for both banks); the `--legacy-second-draw` flag passes the original's second draw.
+        image_size: input side S (default: the backbone's).
+        smooth_sigma, eval_size, score_fusion: the post-processing spec (common/contract.py): gaussian sigma on
+            the map upsampled to `eval_size` (FDSL: 240, sigma 0), and the per-class image-score fusion.
     """
 
     def __init__(
@@ -157,6 +161,10 @@ class FDSLDetector:
         opts: DetectorOptions,
         geometry: WindowGeometry | None = None,
         window_support_fn: Callable[[str], torch.Tensor] | None = None,
+        image_size: int | None = None,
+        smooth_sigma: float = 0.0,
+        eval_size: int | None = None,
+        score_fusion: ScoreFusion | None = None,
     ) -> None:
         if opts.win_mode not in WIN_MODES:
             raise ValueError(f"win_mode must be one of {WIN_MODES}, got {opts.win_mode!r}")
@@ -166,6 +174,9 @@ class FDSLDetector:
             check_encode_mode(geometry.encode, backbone.kind)
         self.backbone, self.head, self.opts, self.geometry = backbone, head.eval(), opts, geometry
         self.window_support_fn = window_support_fn
+        self.mean, self.std = backbone.mean, backbone.std  # input spec (common/contract.py)
+        self.image_size = int(image_size or backbone.default_image_size)
+        self.smooth_sigma, self.eval_size, self.score_fusion = float(smooth_sigma), eval_size, score_fusion
         device = next(head.parameters()).device
         self.bank_dtype = torch.float16 if device.type == "cuda" else torch.float32  # fp16 banks on GPU
         self.bank: list[torch.Tensor] = []
@@ -299,7 +310,7 @@ class FDSLDetector:
         for prob, max_cos in zip(window_probs, window_cos):  # the checkpoint's ASL weights, per level
             asl_map = stitch_windows(self._to_win(prob), geom)
             if self.opts.win_use_nam and self.opts.use_nam:
-                asl_map = self.head.refine(asl_map)  # NAM on the stitched [1 - a, a] map (fdsl.md section 5)
+                asl_map = self.head.refine(asl_map)  # NAM on the stitched [1 - a, a] map (docs/design/fdsl.md s.5)
             asl_maps.append(asl_map)
             fd_maps.append(stitch_windows(self._to_win(1.0 - max_cos), geom))
         return _combine(asl_maps, fd_maps, self.opts.fd_weight)
@@ -324,8 +335,12 @@ class FDSLDetector:
             return maps
         return F.interpolate(maps[:, None], size=(win, win), mode="bilinear", align_corners=False)[:, 0]
 
+    def report(self) -> dict:
+        """results.json extras: the bank bytes of the last class set up."""
+        return {"bank_bytes": dict(self.memory)}
+
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def predict(self, images: torch.Tensor) -> DetectorOutput:
         """(B, 3, S, S) normalised images -> pred_score (B,), anomaly_map (B, G, G) on the finest feature grid.
 
         With `score_from_map` the score is None: the evaluator takes the maximum of the upsampled, smoothed map.
@@ -335,11 +350,10 @@ class FDSLDetector:
         score, anomaly_map = score.float(), anomaly_map.float()
         if self.opts.map_size is not None:  # the original upsamples with align_corners=True (--map-align-corners)
             anomaly_map = upsample_map(anomaly_map, self.opts.map_size, align_corners=self.opts.map_align_corners)
-        return (None if self.opts.score_from_map else score), anomaly_map
+        return DetectorOutput(None if self.opts.score_from_map else score, anomaly_map)
 
     def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.bank:
-            raise RuntimeError("FDSLDetector.predict called before setup")
+        require_setup(bool(self.bank), type(self).__name__)
         mode, w = self.opts.win_mode, self.opts.win_weight
         if mode != "onlywin":
             main_map, main_score = self._main_branch(images)

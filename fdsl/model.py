@@ -1,4 +1,4 @@
-"""FDSL's learnable head and its feature-discrepancy input (design: ../shared/design/fdsl.md, section 5).
+"""FDSL's learnable head and its feature-discrepancy input (design: docs/design/fdsl.md, section 5).
 
 - FD (Feature Discrepancy): per level, L2-normalised patch features; the "normal component" n_i is the cosine
   nearest reference patch, the "deviation component" d_i = |f_i - n_i| (original: alignMode `mulmax`, useAbs=1).
@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from common.backbones import align_features
 from common.memory_bank import nearest_neighbors
 
-# FDSL code (FDSLModel.py, fdsl.md section 5): ASL hidden widths, NAM hidden channels and kernel.
+# FDSL code (FDSLModel.py, docs/design/fdsl.md section 5): ASL hidden widths, NAM hidden channels and kernel.
 ASL_HIDDEN = (512, 128, 32)
 NAM_HIDDEN = 6
 NAM_KERNEL = 5
-# VAND focal loss (fdsl.md section 2): gamma 2 on softmax probabilities, one-hot clamped by 1e-5.
+# VAND focal loss (docs/design/fdsl.md section 2): gamma 2 on softmax probabilities, one-hot clamped by 1e-5.
 FOCAL_GAMMA = 2.0
 FOCAL_SMOOTH = 1e-5
 

@@ -20,14 +20,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from common.anomaly_map import GAUSSIAN_SIGMA
-from common.predict_run import add_predict_arguments, run_cli
+from common import config
 from common.utils import UserError, cli_entry
+from fdsl.config import TestConfig
 
 if TYPE_CHECKING:
     from fdsl.detector import FDSLDetector
 
-WIN_MODES = ("nan", "mul", "onlywin")
+# The TestConfig fields a predict run takes (defaults, help and choices are TestConfig's: one source).
+PREDICT_FIELDS = ("checkpoint", "image_score", "win_mode", "win_size", "win_stride", "win_weight", "win_zoom",
+                  "win_encode", "win_use_nam", "use_nam", "use_img_idx", "fd_weight", "coreset", "backbone",
+                  "pretrained", "image_size", "precision", "smooth_sigma", "eval_size", "chunk_size")  # fmt: skip
+# Where predict differs from fdsl.test: no test set, so no transductive `paper` fusion: each image's own score.
+PREDICT_DEFAULTS = {"image_score": "max"}
+PREDICT_IMAGE_SCORES = ("max", "map")
 # The head that ships with the package: trained on the demo `surfaces` set (skimage brick/grass/gravel with
 # synthetic defects, no textile images) with efficientnet_lite0 at 256 px; the command is in docs/PREDICT.md.
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "demo_efficientnet_lite0.pth"
@@ -47,136 +53,72 @@ def default_checkpoint(checkpoint: str | None, backbone: str | None) -> str:
 
 
 def build_fdsl_detector(
-    references: list[np.ndarray],
-    device: torch.device | str = "cpu",
-    checkpoint: str | None = None,
-    win_mode: str = "nan",
-    win_size: int = 13,
-    win_stride: int = 2,
-    win_weight: float = 0.5,
-    win_zoom: float | None = None,
-    win_encode: str | None = None,
-    win_use_nam: int = 1,
-    use_nam: int | None = None,
-    use_img_idx: int = 0,
-    fd_weight: float = 0.0,
-    backbone: str | None = None,
-    pretrained: str | None = None,
-    image_size: int | None = None,
-    smooth_sigma: float = GAUSSIAN_SIGMA,
-    chunk_size: int = 4096,
-    image_score: str = "max",
-    **unknown: Any,
+    references: list[np.ndarray], device: torch.device | str = "cpu", **options: Any
 ) -> FDSLDetector:
-    """FDSL as a predict detector (builder contract in common/predict.py), built as `python -m fdsl.test` does.
+    """FDSL as a predict detector (builder contract: engine/registry.py), built exactly as `python -m fdsl.test` does.
 
     Args:
-        references: RGB uint8 good images (unused here: the banks are filled by `setup`).
+        references: RGB uint8 good images (unused: the predictor calls `setup`; the signature is the registry's).
         device: torch device.
-        checkpoint: FDSL checkpoint written by `python -m fdsl.train`; None = the shipped demo head
-            (efficientnet_lite0 only, `DEMO_CHECKPOINT`).
-        win_mode: LFE windows: `nan` (off), `mul` (blend) or `onlywin`.
-        win_size, win_stride, win_weight, win_zoom, win_encode, win_use_nam, use_img_idx: window options (see
-            fdsl.test; win_encode None = shared for CNNs, crop for ViTs).
-        use_nam: use the NAM outputs (None = as trained).
-        fd_weight: a in (1 - a) * ASL + a * training-free FD map.
-        backbone, pretrained, image_size: default to the checkpoint's; the backbone must match it.
-        smooth_sigma: gaussian sigma (px) on the upsampled map (panels and outline; the score is FDSL's own).
-        chunk_size: query rows per similarity matmul.
-        image_score: `max` = FDSL's own score (mean over levels of the level maps' maxima); `map` = the
-            maximum of the smoothed final map.
+        **options: any of `PREDICT_FIELDS`, with fdsl.test's meaning and defaults (fdsl/config.py TestConfig),
+            except `image_score` (default `max`; `paper` needs a whole test set). `checkpoint` None = the shipped
+            demo head (efficientnet_lite0 only, `DEMO_CHECKPOINT`). The map is post-processed as in fdsl.test
+            (upsampled to `eval_size`, smoothed with `smooth_sigma`), so predict and test give the same maps.
 
     Returns:
-        An `FDSLDetector` with `mean`, `std`, `image_size` and `smooth_sigma` attributes.
+        An `FDSLDetector`; it declares its own input and post-processing spec (common/contract.py).
 
     Raises:
         UserError: no/missing/unreadable/incompatible checkpoint, bad option values or unknown options.
     """
     from fdsl.checkpoint import load_checkpoint
-    from fdsl.config import TestConfig
     from fdsl.test import build_detector, check_test_config
 
-    del references
+    unknown = sorted(set(options) - set(PREDICT_FIELDS))
     if unknown:
-        raise UserError(f"unknown FDSL option(s): {', '.join(sorted(unknown))}")
-    checkpoint = default_checkpoint(checkpoint, backbone)
-    if image_score not in ("max", "map"):
-        raise UserError(f"--image-score must be max or map, got {image_score!r}")
-    if win_mode not in WIN_MODES:
-        raise UserError(f"--win-mode must be one of {', '.join(WIN_MODES)}, got {win_mode!r}")
-    if smooth_sigma < 0:
-        raise UserError(f"--smooth-sigma must be >= 0, got {smooth_sigma}")
-    cfg = TestConfig(
-        checkpoint=str(checkpoint), backbone=backbone, pretrained=pretrained, image_size=image_size,
-        win_mode=win_mode, win_size=win_size, win_stride=win_stride, win_weight=win_weight, win_zoom=win_zoom,
-        win_encode=win_encode, win_use_nam=int(win_use_nam), use_nam=use_nam, use_img_idx=int(use_img_idx),
-        fd_weight=fd_weight, image_score=image_score, smooth_sigma=smooth_sigma, chunk_size=chunk_size, k_shot=1,
-        progress=0,
-    )  # fmt: skip
+        raise UserError(f"unknown FDSL option(s): {', '.join(unknown)}")
+    values = {**PREDICT_DEFAULTS, **options}
+    values["checkpoint"] = default_checkpoint(values.get("checkpoint"), values.get("backbone"))
+    if values["image_score"] not in PREDICT_IMAGE_SCORES:
+        raise UserError(f"--image-score must be max or map, got {values['image_score']!r}")
+    cfg = TestConfig(**values, k_shot=1, progress=0)
+    config.check_choices(cfg)
+    if cfg.smooth_sigma < 0:
+        raise UserError(f"--smooth-sigma must be >= 0, got {cfg.smooth_sigma}")
     check_test_config(cfg)
     state = load_checkpoint(cfg.checkpoint)
     try:
-        detector, model = build_detector(cfg, state, torch.device(device), meta={})
+        detector, _, _ = build_detector(cfg, state, torch.device(device), meta={})
     except ValueError as exc:  # window geometry that does not fit the grid
         raise UserError(f"FDSL options do not fit: {exc}") from exc
-    detector.mean, detector.std, detector.image_size = model.mean, model.std, int(cfg.image_size)
-    detector.smooth_sigma = float(smooth_sigma)
     return detector
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.predict_run import add_predict_arguments
+
     p = argparse.ArgumentParser(prog="python -m fdsl.predict", description=__doc__.splitlines()[0])
     add_predict_arguments(p)
-    p.add_argument(
-        "--checkpoint",
-        default=None,
-        help="FDSL checkpoint from python -m fdsl.train (default: the shipped efficientnet_lite0 demo head)",
-    )
-    p.add_argument(
-        "--image-score",
-        choices=("max", "map"),
-        default="max",
-        help="max = FDSL's own score; map = the maximum of the smoothed map",
-    )
-    p.add_argument("--win-mode", choices=WIN_MODES, default="nan", help="LFE windows: off, blend, windows only")
-    p.add_argument("--win-size", type=int, default=13, help="window side in cells of the finest feature grid")
-    p.add_argument("--win-stride", type=int, default=2, help="window stride in cells")
-    p.add_argument("--win-weight", type=float, default=0.5, help="w: (1 - w) * main + w * windows")
-    p.add_argument("--win-zoom", type=float, default=None, help="crop zoom (default: 1 for ViT, 2 for CNNs)")
-    p.add_argument(
-        "--win-encode",
-        choices=("crop", "shared"),
-        default=None,
-        help="window features: encode every crop, or cut from one zoomed encode (CNN only; default: shared for CNNs)",
-    )
-    p.add_argument("--use-nam", type=int, choices=(0, 1), default=None, help="NAM outputs (default: as trained)")
-    p.add_argument("--fd-weight", type=float, default=0.0, help="a in (1 - a) * ASL + a * FD (default 0)")
-    p.add_argument("--backbone", default=None, help="default: the checkpoint's (must match it)")
-    p.add_argument("--pretrained", default=None, help="CLIP tag or weights file (default: the checkpoint's)")
-    p.add_argument("--image-size", type=int, default=None, help="input size (default: the checkpoint's)")
-    p.add_argument("--smooth-sigma", type=float, default=GAUSSIAN_SIGMA, help="gaussian sigma (px) on the map")
+    helps = {
+        "checkpoint": "FDSL checkpoint from python -m fdsl.train (default: the shipped efficientnet_lite0 demo head)",
+        "image_score": "max = FDSL's own score; map = the maximum of the smoothed map (default: max)",
+    }
+    config.add_fields(p, TestConfig, PREDICT_FIELDS, PREDICT_DEFAULTS, helps)
+    for action in p._actions:  # no test set in a predict run: the transductive `paper` fusion is not offered
+        if action.dest == "image_score":
+            action.choices = PREDICT_IMAGE_SCORES
     return p
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
+    from engine.predict_run import PREDICT_FLAGS, run_cli
+
     args = build_parser().parse_args(argv)
-    options = {
-        "checkpoint": default_checkpoint(args.checkpoint, args.backbone),
-        "image_score": args.image_score,
-        "win_mode": args.win_mode,
-        "win_size": args.win_size,
-        "win_stride": args.win_stride,
-        "win_weight": args.win_weight,
-        "win_zoom": args.win_zoom,
-        "win_encode": args.win_encode,
-        "use_nam": args.use_nam,
-        "fd_weight": args.fd_weight,
-        "backbone": args.backbone,
-        "pretrained": args.pretrained,
-        "image_size": args.image_size,
-        "smooth_sigma": args.smooth_sigma,
-    }
+    given = {k: v for k, v in vars(args).items() if k not in PREDICT_FLAGS}
+    given["checkpoint"] = default_checkpoint(given.get("checkpoint"), given.get("backbone"))
+    resolved = TestConfig(**{**PREDICT_DEFAULTS, **given}, k_shot=1)  # every option, for threshold.json
+    options = {name: getattr(resolved, name) for name in PREDICT_FIELDS}
     return run_cli(args, "fdsl", build_fdsl_detector, options)
 
 

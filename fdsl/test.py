@@ -3,31 +3,25 @@
     python -m fdsl.test --dataset-root DIR --checkpoint FILE --k-shot K --seed S --save-dir OUT
            [--win-mode nan|mul|onlywin] [--win-size 13] [--win-stride 2] [--win-weight 0.5] [--use-nam 0|1] ...
 
-Writes OUT/results.json (design/CONTRACT.md, plus image_score, fd_weight, use_nam, use_img_idx, memory) and
+Writes OUT/results.json (docs/design/CONTRACT.md, plus image_score, fd_weight, use_nam, use_img_idx, memory) and
 OUT/log.txt (the per-class table).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
 
 from common import distributed
 from common.backbones import align_features, build_backbone, resolve_image_size
-from common.evaluation import (
-    EvalConfig,
-    evaluate_sharded,
-    minmax_fusion,
-    report_images_option,
-    timing_breakdown,
-    write_run_report,
-)
+from common.contract import minmax_fusion
+from common.evaluation import report_images_option
 from common.few_shot import sample_support
-from common.results import build_results, format_table, write_results
-from common.utils import UserError, check_output_outside, check_writable_dir, cli_entry, parse_device, resolve_workers
+from common.results import format_table
+from common.utils import UserError, cli_entry, resolve_workers
 from data.dataset import load_images
-from data.meta import load_meta
 from fdsl.checkpoint import build_head, load_checkpoint, resolve_pretrained
 from fdsl.config import TestConfig, build_parser, resolve_config, resolve_precision
 from fdsl.detector import DetectorOptions, FDSLDetector
@@ -60,24 +54,35 @@ def check_test_config(cfg: TestConfig) -> None:
         raise UserError("--batch-size and --eval-size must be at least 1")
 
 
-def resolve_test_config(cfg: TestConfig, state: dict) -> dict:
-    """Fill backbone / image size / NAM from the checkpoint; a NAM request without a trained NAM is an error."""
+def resolve_test_config(cfg: TestConfig, state: dict) -> TestConfig:
+    """A new config with backbone / weights / image size / NAM filled from the checkpoint (`cfg` is not changed).
+
+    Raises:
+        UserError: a NAM request (`--use-nam 1`) for a checkpoint trained without NAM.
+    """
     trained = state["config"]
-    cfg.backbone = cfg.backbone or state["backbone"]
-    cfg.pretrained = resolve_pretrained(cfg.backbone, cfg.pretrained or trained.get("pretrained"))
-    cfg.image_size = cfg.image_size or trained["image_size"]
-    if cfg.use_nam is None:
-        cfg.use_nam = int(state["use_nam"])
-    elif cfg.use_nam and not state["use_nam"]:
+    backbone = cfg.backbone or state["backbone"]
+    if cfg.use_nam and not state["use_nam"]:
         raise UserError(f"--use-nam 1 but {cfg.checkpoint} was trained without NAM (--use-nam 0)")
-    return trained
+    return dataclasses.replace(
+        cfg,
+        backbone=backbone,
+        pretrained=resolve_pretrained(backbone, cfg.pretrained or trained.get("pretrained")),
+        image_size=cfg.image_size or trained["image_size"],
+        use_nam=int(state["use_nam"]) if cfg.use_nam is None else cfg.use_nam,
+    )
 
 
-def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dict) -> tuple[FDSLDetector, object]:
-    """Backbone (checked against the checkpoint), head and the window geometry."""
-    trained = resolve_test_config(cfg, state)
-    precision, cfg.tf32_used = resolve_precision(cfg.precision, device, cfg.tf32)
-    cfg.precision_used = precision
+def build_detector(
+    cfg: TestConfig, state: dict, device: torch.device, meta: dict
+) -> tuple[FDSLDetector, TestConfig, dict]:
+    """Backbone (checked against the checkpoint), head and window geometry; returns the detector, the fully
+    resolved config (checkpoint values, and window defaults that depend on the backbone kind; `cfg` is unchanged)
+    and what this device runs: `{"precision": fp32|bf16|fp16, "tf32": bool}` (`--precision auto` resolved)."""
+    cfg = resolve_test_config(cfg, state)
+    trained = state["config"]
+    precision, tf32_used = resolve_precision(cfg.precision, device, cfg.tf32)
+    runtime = {"precision": precision, "tf32": tf32_used}
     backbone = build_backbone(
         cfg.backbone, cfg.pretrained, trained.get("layers") or None, device, bool(trained.get("quick_gelu", 0)),
         precision,
@@ -88,13 +93,13 @@ def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dic
         probe = backbone(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device))
     grid = align_features(probe.features)[0].shape[-1]
     geometry = None
-    cfg.win_encode = cfg.win_encode or (CNN_WIN_ENCODE if backbone.kind == "cnn" else "crop")
+    cfg = dataclasses.replace(cfg, win_encode=cfg.win_encode or (CNN_WIN_ENCODE if backbone.kind == "cnn" else "crop"))
     check_encode_mode(cfg.win_encode, backbone.kind)
     if cfg.win_resolution == "zoomed" and cfg.win_mode != "nan" and (cfg.win_encode != "shared" or cfg.use_img_idx):
         raise UserError("--win-resolution zoomed needs --win-encode shared and --use-img-idx 0")
     if cfg.win_mode != "nan":
         zoom = cfg.win_zoom if cfg.win_zoom is not None else (CNN_WIN_ZOOM if backbone.kind == "cnn" else 1.0)
-        cfg.win_zoom = zoom
+        cfg = dataclasses.replace(cfg, win_zoom=zoom)
         geometry = WindowGeometry(grid, cfg.win_size, cfg.win_stride, cfg.image_size // grid, zoom, cfg.win_encode)
         geometry.starts  # noqa: B018 - validates win-size / win-stride against the grid now
     opts = DetectorOptions(
@@ -122,44 +127,17 @@ def build_detector(cfg: TestConfig, state: dict, device: torch.device, meta: dic
             paths = sample_support(meta, class_name, cfg.k_shot, cfg.seed, draw=1)
             return load_images(cfg.dataset_root, paths, cfg.image_size, backbone.mean, backbone.std).to(device)
 
-    return FDSLDetector(backbone, head, opts, geometry, window_support_fn), backbone
+    detector = FDSLDetector(
+        backbone, head, opts, geometry, window_support_fn, image_size=cfg.image_size, smooth_sigma=cfg.smooth_sigma,
+        eval_size=cfg.eval_size, score_fusion=minmax_fusion if cfg.image_score == "paper" else None,
+    )  # fmt: skip
+    return detector, cfg, runtime
 
 
-def run(cfg: TestConfig) -> dict:
-    """Evaluate and write results.json / log.txt. Returns the results dict.
-
-    Under torchrun the classes are shared out over the ranks (class i -> rank i % world size); every rank returns
-    the merged results and only rank 0 writes them.
-    """
-    check_test_config(cfg)
-    meta = load_meta(cfg.dataset_root)
-    state = load_checkpoint(cfg.checkpoint)
-    check_output_outside(cfg.save_dir, cfg.dataset_root, "--save-dir")
-    check_writable_dir(cfg.save_dir)
-    device = distributed.init(parse_device(cfg.device))
-    detector, backbone = build_detector(cfg, state, device, meta)
-    eval_cfg = EvalConfig(
-        dataset_root=cfg.dataset_root,
-        k_shot=cfg.k_shot,
-        seed=cfg.seed,
-        image_size=cfg.image_size,
-        mean=backbone.mean,
-        std=backbone.std,
-        class_names=cfg.class_name,
-        batch_size=cfg.batch_size,
-        eval_size=cfg.eval_size,
-        smooth_sigma=cfg.smooth_sigma,
-        num_workers=resolve_workers(cfg.num_workers, device),
-        device=device,
-        class_score_fn=minmax_fusion if cfg.image_score == "paper" else None,
-        vis_dir=f"{cfg.save_dir}/images" if cfg.save_images else None,
-        report_images=report_images_option(cfg.report_images, bool(cfg.no_report)),
-    )
-    per_class, seconds, memories = evaluate_sharded(
-        detector, eval_cfg, bool(cfg.progress) and distributed.is_main(), payload=lambda: detector.memory
-    )
-    owner = (len(per_class) - 1) % distributed.world_size()  # the rank that ran the last class
-    extra = {
+def results_extra(cfg: TestConfig, state: dict, runtime: dict) -> dict:
+    """results.json keys of FDSL known from the resolved config, the checkpoint and the resolved precision (the
+    detector's report adds bank_bytes)."""
+    return {
         "image_score": cfg.image_score
         + (" (transductive per-class min-max fusion)" if cfg.image_score == "paper" else " (per image)"),
         "fd_weight": cfg.fd_weight,
@@ -171,8 +149,8 @@ def run(cfg: TestConfig) -> dict:
         "win_use_nam": bool(cfg.win_use_nam and cfg.use_nam),  # NAM applied to the stitched window map
         "checkpoint_epoch": int(state["epoch"]),
         "protocol": cfg.protocol,
-        "precision": cfg.precision_used,
-        "tf32": cfg.tf32_used,
+        "precision": runtime["precision"],
+        "tf32": runtime["tf32"],
         "map_align_corners": bool(cfg.map_align_corners),
         "train_recalibrate_bn": bool(state["config"].get("recalibrate_bn", 1)),
         "train_precision": state["config"].get("precision_used", "fp32"),
@@ -186,32 +164,37 @@ def run(cfg: TestConfig) -> dict:
         "win_resolution": cfg.win_resolution,
         "legacy_second_draw": bool(cfg.legacy_second_draw),
         "checkpoint": str(cfg.checkpoint),
-        "bank_bytes": memories[owner],
     }
-    results = build_results(
-        "fdsl",
-        cfg.dataset_root,
-        cfg.k_shot,
-        cfg.seed,
-        cfg.backbone,
-        cfg.image_size,
-        {c: r.metrics for c, r in per_class.items()},
-        {c: r.support for c, r in per_class.items()},
-        sum(r.n_images for r in per_class.values()),
-        seconds,
-        win_mode=cfg.win_mode,
-        extra=extra,
-        timing=timing_breakdown(per_class),
-    )
-    notes = [
-        f"image score: {extra['image_score']}; fd_weight {cfg.fd_weight}; use_nam {cfg.use_nam}; "
-        f"bank bytes (last class): {memories[owner]}"
-    ]
-    if distributed.is_main():
-        write_results(cfg.save_dir, results, notes)
-        write_run_report(cfg.save_dir, results, per_class, eval_cfg.report_images)
-    distributed.cleanup()
-    return results
+
+
+def run(cfg: TestConfig) -> dict:
+    """Evaluate and write results.json / log.txt. Returns the results dict (the input `cfg` is not changed).
+
+    Under torchrun the classes are shared out over the ranks (class i -> rank i % world size); every rank returns
+    the merged results and only rank 0 writes them.
+    """
+    from engine.runner import request_from, run_eval
+
+    check_test_config(cfg)
+    state = load_checkpoint(cfg.checkpoint)
+    resolved = resolve_test_config(cfg, state)  # backbone-independent values, for the request and resume key
+    built: list[tuple[TestConfig, dict]] = []
+
+    def build(device: torch.device, meta: dict) -> FDSLDetector:
+        detector, final, runtime = build_detector(cfg, state, device, meta)
+        built.append((final, runtime))
+        return detector
+
+    def notes(results: dict) -> list[str]:
+        return [f"image score: {results['image_score']}; fd_weight {cfg.fd_weight}; use_nam {built[0][0].use_nam}; "
+                f"bank bytes (last class): {results['bank_bytes']}"]  # fmt: skip
+
+    request = request_from(resolved, "fdsl", class_names=cfg.class_name, progress=bool(cfg.progress),
+                           vis_dir=f"{cfg.save_dir}/images" if cfg.save_images else None,
+                           report_images=report_images_option(cfg.report_images, bool(cfg.no_report)))  # fmt: skip
+    return run_eval(request, build, backbone=lambda _: built[0][0].backbone,
+                    extra=lambda *_: results_extra(built[0][0], state, built[0][1]), win_mode=cfg.win_mode,
+                    options=dataclasses.asdict(resolved), notes=notes)  # fmt: skip
 
 
 @cli_entry

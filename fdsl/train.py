@@ -2,7 +2,7 @@
 
     python -m fdsl.train --dataset-root DIR --save-dir OUT [--backbone NAME] [--epochs N] [--use-nam 0|1] ...
 
-Original protocol (fdsl.md section 5): frozen backbone, FD features against a training bank of 10 normal train
+Original (docs/design/fdsl.md section 5): frozen backbone, FD features against a training bank of 10 normal train
 images per class, focal + dice on every map (raw and NAM) at the image size, Adam lr 1e-3 betas (0.5, 0.999),
 batch 8, mosaic (MVTec) or zoom crops (VisA). Writes OUT/epoch_<E>.pth, OUT/last.pth, OUT/config.json.
 

@@ -1,6 +1,6 @@
 """LFE (Local-enhanced Feature Extraction): pixel windows cropped from the image, encoded on their own, stitched back.
 
-Original (fdsl.md section 4): windows of win-size=13 patches (182 px) at win-stride=2 patches on the 518 px
+Original (docs/design/fdsl.md section 4): windows of win-size=13 patches (182 px) at win-stride=2 patches on the 518 px
 tensor, 13 x 13 = 169 windows tiling the 37 x 37 grid; each crop is encoded at its own size, and the window
 maps are stitched back by the arithmetic mean over covering windows (sum / count; `F.fold` here).
 

@@ -17,12 +17,12 @@ import yaml
 
 from common.utils import UserError
 
-# design/pcsnet.md section 2: classes whose descriptor first halves the channels (conv-BN-ReLU x2 + conv).
+# docs/design/pcsnet.md section 2: classes whose descriptor first halves the channels (conv-BN-ReLU x2 + conv).
 ROTATION_CLASSES = ("grid", "screw", "bracket_black", "bracket_brown", "tubes")
 # Reference sizes of the original code (64x64 grid): the k of the kNN prior for CAS, the top pixels of L_PDC and
 # the PFENet pyramid bins are given for 4096 grid positions and are rescaled to the grid actually used.
 REF_GRID = 64
-PAPER_NN_CAS = 200  # design/pcsnet.md section 2: S = the 200 smallest distances per pixel
+PAPER_NN_CAS = 200  # docs/design/pcsnet.md section 2: S = the 200 smallest distances per pixel
 PAPER_PDC_TOP = 50  # section 2: L_PDC averages the 50 largest pixel 3-NN distances
 PAPER_PYRAMID_BINS = (60, 30, 15, 8)  # section 3: PFENet FEM bins on the 64 grid
 PAPER_RESIZE, PAPER_CROP = 256, 224  # section 4: resize to 256, centre-crop 224 (images and masks alike)
@@ -36,7 +36,7 @@ MIX_BATCHES = ("append", "replace_half")
 
 @dataclass
 class PCSNetConfig:
-    """Every knob of a PCSNet run (paper values in comments; see design/pcsnet.md)."""
+    """Every knob of a PCSNet run (paper values in comments; see docs/design/pcsnet.md)."""
 
     backbone: str = "efficientnet_lite0"  # paper: wide_resnet50_2
     pretrained: str | None = None  # weights file for wide_resnet50_2 (torch cache otherwise)
@@ -87,7 +87,7 @@ class PCSNetConfig:
     extra: dict = field(default_factory=dict)  # free-form notes carried into results.json
 
     def resolved_grid(self) -> int:
-        """Side of the feature grid (design/pcsnet.md section 1: 64 for the paper)."""
+        """Side of the feature grid (docs/design/pcsnet.md section 1: 64 for the paper)."""
         return int(self.grid_size) if self.grid_size else max(1, self.image_size // self.grid_stride)
 
     def resolved_resize(self) -> int | None:

@@ -1,4 +1,4 @@
-"""PCSNet losses (design/pcsnet.md section 2): L = L_NFC + L_AFS + 50 L_PDC + 40 L_SEG.
+"""PCSNet losses (docs/design/pcsnet.md section 2): L = L_NFC + L_AFS + 50 L_PDC + 40 L_SEG.
 
 All distances are Euclidean pixel-to-prototype distances d (B, N, k) (N grid pixels, k nearest prototypes).
 As in the original code they are compared with r^2 and (r + alpha)^2 (CFA's convention), and the hinge terms

@@ -1,6 +1,6 @@
 """PCSNet: the PFA descriptor with CoordConv, prototypes and distances, and the CAS segmentation head.
 
-design/pcsnet.md sections 1-3. The frozen backbone lives outside this module (it is shared by every class and is
+docs/design/pcsnet.md sections 1-3. The frozen backbone lives outside this module (it is shared by every class and is
 not saved in checkpoints); `PCSNet` takes the backbone's feature levels.
 """
 

@@ -1,8 +1,8 @@
-"""Per-class NSA "CutPaste" parameters (design/pcsnet.md section 3) and pseudo anomalies made on model inputs.
+"""Per-class NSA "CutPaste" parameters (docs/design/pcsnet.md section 3) and pseudo anomalies made on model inputs.
 
 The pseudo anomaly is drawn on the very image the model sees (already resized to the input size, recovered from
 the normalised tensor as uint8), so its mask is aligned pixel for pixel with the image. The original made it at
-256 px, center-cropped the image to 224 and squashed the uncropped mask instead (design/pcsnet.md section 9.2).
+256 px, center-cropped the image to 224 and squashed the uncropped mask instead (docs/design/pcsnet.md section 9.2).
 """
 
 from __future__ import annotations

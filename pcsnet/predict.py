@@ -1,7 +1,7 @@
 """Inspect your own parts with PCSNet: a model trained on a few good images, then scores and heat maps.
 
     python -m pcsnet.predict --reference good/ --images new/ --out runs/inspect [--threshold T]
-           [--epochs 50] [--cas-width 128] [--image-size 256] [--backbone efficientnet_lite0] [--config YAML] ...
+           [--epochs 50] [--cas-width 64] [--image-size 256] [--backbone efficientnet_lite0] [--config YAML] ...
 
 PCSNet trains in `setup`, as main.py does per class (no checkpoint needed). The leave-one-out threshold trains one
 more model per reference (k + 1 trainings in all; 3 for k = 1, which uses the mirror image as a second reference):
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from common.predict_run import add_predict_arguments, run_cli
 from common.utils import UserError, cli_entry, set_seed
+from engine.predict_run import add_predict_arguments, run_cli, unify_switches
 
 if TYPE_CHECKING:
     from pcsnet.trainer import PCSNetDetector
@@ -42,10 +42,10 @@ def build_pcsnet_detector(
     progress: bool = False,
     **unknown: Any,
 ) -> PCSNetDetector:
-    """PCSNet as a predict detector (builder contract in common/predict.py): `setup` trains the class model.
+    """PCSNet as a predict detector (builder contract: engine/registry.py): `setup` trains the class model.
 
     Args:
-        references: RGB uint8 good images (unused here: `setup` trains on them).
+        references: RGB uint8 good images (unused: the predictor calls `setup`, which trains on them).
         device: torch device.
         config: PCSNet YAML (e.g. configs/pcsnet/paper.yaml); None = the dataclass defaults (CPU setting).
         backbone, pretrained, image_size, epochs, cas_width, grid_size, batch_size, aug_pool, fuse_pfa: override
@@ -54,7 +54,7 @@ def build_pcsnet_detector(
         progress: tqdm bar over the training epochs.
 
     Returns:
-        A `PCSNetDetector` with `mean`, `std`, `image_size` and `smooth_sigma` attributes (checkpoints not saved).
+        A `PCSNetDetector` (it declares its own input and post-processing spec; checkpoints not saved).
 
     Raises:
         UserError: unknown options, an unreadable config or values the model cannot run with.
@@ -63,7 +63,6 @@ def build_pcsnet_detector(
     from pcsnet.config import load_config
     from pcsnet.trainer import PCSNetDetector
 
-    del references
     if unknown:
         raise UserError(f"unknown PCSNet option(s): {', '.join(sorted(unknown))}")
     overrides = {
@@ -75,10 +74,7 @@ def build_pcsnet_detector(
     set_seed(seed)
     model = build_backbone(cfg.backbone, pretrained=cfg.pretrained, layers=cfg.layers, device=torch.device(device),
                            wrn_export=cfg.wrn_export)  # fmt: skip
-    detector = PCSNetDetector(model, cfg, seed, save_dir=None, progress=progress)
-    detector.mean, detector.std, detector.image_size = model.mean, model.std, int(cfg.image_size)
-    detector.smooth_sigma = float(cfg.smooth_sigma)
-    return detector
+    return PCSNetDetector(model, cfg, seed, save_dir=None, progress=progress)
 
 
 def loo_cost_note(k: int, epochs: int | str) -> str:
@@ -91,14 +87,16 @@ def loo_cost_note(k: int, epochs: int | str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pcsnet.config import PCSNetConfig as D  # noqa: N814 - the defaults shown in the help are the dataclass's
+
     p = argparse.ArgumentParser(prog="python -m pcsnet.predict", description=__doc__.splitlines()[0])
     add_predict_arguments(p)
     p.add_argument("--config", metavar="YAML", default=None, help="PCSNet config, e.g. configs/pcsnet/paper.yaml")
     p.add_argument("--backbone", default=None, help="efficientnet_lite0 (default, offline) | wide_resnet50_2 (paper)")
     p.add_argument("--pretrained", default=None, help="weights file for wide_resnet50_2")
-    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 256)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 50)")
-    p.add_argument("--cas-width", type=int, default=None, help="CAS channels (default 128; paper 896)")
+    p.add_argument("--image-size", type=int, default=None, help=f"input side in pixels (default {D.image_size})")
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {D.epochs})")
+    p.add_argument("--cas-width", type=int, default=None, help=f"CAS channels (default {D.cas_width}; paper 896)")
     p.add_argument("--grid-size", type=int, default=None, help="feature grid side (default image size / 8)")
     p.add_argument("--aug-pool", type=int, default=None, help="pseudo anomalies precomputed per reference")
     p.add_argument("--seed", type=int, default=0, help="pseudo anomalies and initialisation (default 0)")
@@ -108,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    unify_switches(args)  # --progress 0 = --quiet
     options = {
         "config": args.config,
         "backbone": args.backbone,

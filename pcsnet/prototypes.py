@@ -1,4 +1,4 @@
-"""PFA prototypes and the distances of every pixel feature to all of them (design/pcsnet.md section 2).
+"""PFA prototypes and the distances of every pixel feature to all of them (docs/design/pcsnet.md section 2).
 
 Prototypes C: the mean over the k support images of the adapted feature at each grid position (G*G prototypes).
 The nearest-prototype search is location-agnostic: every pixel is compared with all G*G prototypes; position only

@@ -1,8 +1,8 @@
 """`--select best-of-evals`: the original's model selection, kept apart from the honest last-epoch numbers.
 
 The original tests after epochs 0, 10, 20, 30, 40 and reports, per metric, the best of those test passes
-(design/pcsnet.md section 5, bug 9.9). That picks on the test set, so it is transductive: results.json carries it
-under its own key (`best_of_evals`, labelled so), beside the last-epoch numbers of the CONTRACT keys.
+(docs/design/pcsnet.md section 5, bug 9.9). That picks on the test set, so it is transductive: results.json carries
+it under its own key (`best_of_evals`, labelled so), beside the last-epoch numbers of the CONTRACT keys.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class BestOfEvals:
 
     def __init__(self, detector, eval_cfg: EvalConfig):
         self.detector = detector
-        self.eval_cfg = dataclasses.replace(eval_cfg, class_names=None, class_done=None, vis_dir=None)
+        self.eval_cfg = dataclasses.replace(eval_cfg, class_names=None, class_done=None, vis_dir=None, observers=())
         self.evals: dict[str, list[dict]] = {}
 
     def __call__(self, class_name: str, epoch: int, model: PCSNet) -> None:

@@ -1,6 +1,6 @@
 """Per-class PCSNet training on the k support images and the detector used by common.evaluation.
 
-Schedule (design/pcsnet.md section 4, with the section 9 fixes): prototypes from the support images at
+Schedule (docs/design/pcsnet.md section 4, with the section 9 fixes): prototypes from the support images at
 initialisation (optionally refreshed), then `epochs` passes over the support in batches of `batch_size` clean
 images. Each step also takes one pseudo-anomalous version of every clean image in the batch; the clean and the
 pseudo-anomalous images together form the batch of L_PDC and L_SEG (the original replaced half of the clean
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from common.anomaly_map import upsample_map
 from common.backbones import Backbone
+from common.contract import DetectorOutput, require_setup
 from common.utils import UserError, atomic_torch_save
 from data.dataset import center_crop
 from pcsnet.config import PCSNetConfig, config_to_dict, load_config
@@ -139,7 +140,7 @@ def train_step(
 def _train_step_replace_half(
     model: PCSNet, clean: Levels, aug: Levels, masks: torch.Tensor, cfg: PCSNetConfig, opt, rng: np.random.Generator
 ) -> dict[str, float]:
-    """The original's step (design/pcsnet.md section 4): L_NFC from A(x), L_AFS from A(x_aug), and L_PDC plus
+    """The original's step (docs/design/pcsnet.md section 4): L_NFC from A(x), L_AFS from A(x_aug), and L_PDC plus
     CAS / L_SEG from A(x_mix), x_mix = x with B/2 random images swapped for their pseudo-anomalous version."""
     b, size = masks.shape[0], masks.shape[-1]
     swap = torch.zeros(b, dtype=torch.bool, device=masks.device)
@@ -242,7 +243,7 @@ def _set_pfa_scale(model: PCSNet, clean_levels: Levels) -> None:
 
 
 class PCSNetDetector:
-    """The `common.evaluation.Detector` of PCSNet: `setup` trains the class model, `predict` scores images.
+    """PCSNet under the detector contract (common/contract.py): `setup` trains the class model, `predict` scores.
 
     Args:
         backbone: frozen backbone on `device`.
@@ -269,12 +270,23 @@ class PCSNetDetector:
         self.save_dir = Path(save_dir) if save_dir else None
         self.support_paths, self.progress = support_paths, progress
         self.model: PCSNet | None = None
+        self.class_name: str | None = None
         self.train_seconds: dict[str, float] = {}
         self.histories: dict[str, list[dict]] = {}
+        # input and post-processing spec (common/contract.py)
+        self.mean, self.std, self.image_size = backbone.mean, backbone.std, int(cfg.image_size)
+        self.smooth_sigma, self.eval_size, self.score_fusion = float(cfg.smooth_sigma), None, None
+
+    def report(self) -> dict:
+        """The class last set up: its training seconds and final losses (engine.runner collects one per class)."""
+        history = self.histories.get(self.class_name) or []
+        last = history[-1] if history else None
+        return {"train_seconds": self.train_seconds.get(self.class_name), "final_loss": last}
 
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
         """Train the class model on (k, 3, S, S) support images and save its checkpoint."""
         start = time.perf_counter()
+        self.class_name = class_name
         hook = None if self.on_eval is None else lambda epoch, model: self.on_eval(class_name, epoch, model)
         self.model, history = train_class(self.backbone, self.cfg, class_name, support_images, self.seed, self.progress,
                                           on_eval=hook)  # fmt: skip
@@ -286,21 +298,20 @@ class PCSNetDetector:
                             paths, history)  # fmt: skip
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[None, torch.Tensor]:
+    def predict(self, images: torch.Tensor) -> DetectorOutput:
         """(B, 3, S, S) -> (None, anomaly_map (B, S, S) unsmoothed).
 
         The map is the CAS output plus `fuse_pfa` x the PFA distance map (default 1; the paper's 0 = CAS only, a
         deviation measured in docs/STATUS.md). The score None means "the maximum of the smoothed map" (sigma 4):
         the caller (evaluate(), the predict CLI) smooths the map anyway, so it is not smoothed twice.
         """
-        if self.model is None:
-            raise RuntimeError("PCSNetDetector.predict called before setup")
+        require_setup(self.model is not None, type(self).__name__)
         size = images.shape[-1]
         out = self.model(extract_levels(self.backbone, images, chunk=len(images)), out_size=size)
         anomaly_map = out["logits"][:, 0]
         if self.cfg.fuse_pfa:
             anomaly_map = anomaly_map + self.cfg.fuse_pfa * upsample_map(self.model.pfa_map(out["knn"]), size)
-        return None, anomaly_map
+        return DetectorOutput(None, anomaly_map)
 
 
 CHECKPOINT_FORMAT = "pcsnet-checkpoint/2"  # v2: format tag, tensors only (weights_only loading), fp16 option

@@ -1,6 +1,6 @@
 """Run every case of tests/test_bad_inputs.py and print docs/BAD_INPUTS.md: broken input -> the line actually printed.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bad_inputs_table.py > docs/BAD_INPUTS.md
+    OMP_NUM_THREADS=1 .venv/bin/python -m scripts.bad_inputs_table > docs/BAD_INPUTS.md   # from the repo root
 
 Temporary paths in the messages are shown as DATA (the dataset folder), OUT (the output folder), CKPT (the FDSL
 checkpoint) and TMP (the case's scratch folder). Takes about a minute on 2 CPU cores.
@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import pytest  # noqa: E402
 
@@ -28,7 +27,7 @@ this machine. Every row is a real run: a copy of a tiny dataset is broken as des
 scripts and the rows marked *subprocess* as separate processes, the other torch commands in-process through
 `main(argv)`), and the row records its exit code and its whole stderr (one line, except in *needs fix* rows).
 *Dataset unchanged* compares the sha256 of every file of the dataset folder (meta.json included) before and after
-the run; *no output* means no results, checkpoint, predictions or temporary file was left in the output folder.
+the run; *no output* means the whole output tree is as it was (absent if it was, else the same files and bytes).
 
 Simulations: *disk full* makes every file opened for writing fail with ENOSPC (as write(2) does on a full disk);
 a *read-only* folder is `chmod 555`, or `chattr +i` for root (root ignores permission bits). Paths are shown as

@@ -24,11 +24,11 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # repo root, so `common`/`data` import from anywhere
 
 from common.utils import UserError, atomic_write_json, atomic_write_text, check_writable_dir, cli_entry  # noqa: E402
+from engine import registry  # noqa: E402
 
-METHODS = ("knn", "fdsl", "pcsnet")
+METHODS = tuple(registry.METHODS)
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_aupro")
 # (header, key in the aggregated row, scale, decimals)
@@ -54,11 +54,12 @@ def _csv(text: str, cast=str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python scripts/benchmark.py", description=__doc__.splitlines()[0])
     p.add_argument("--dataset-root", required=True, help="MVTec-layout dataset with meta.json")
-    p.add_argument("--methods", default="knn,fdsl,pcsnet", help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--shots", default="1,2,4", help="comma-separated k values")
     p.add_argument("--seeds", default="0", help="comma-separated support-draw seeds")
     p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--fdsl-checkpoint", default=None, help="FDSL checkpoint (required with fdsl)")
+    for method in (m for m in registry.METHODS.values() if m.needs_checkpoint):
+        p.add_argument(f"--{method.name}-checkpoint", default=None, help=f"{method.name} checkpoint (required with it)")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: each method's own)")
     p.add_argument("--class-name", default=None, help="one class (default: all)")
     p.add_argument("--device", default="cpu", help="passed to every method (default cpu)")
@@ -77,20 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def checkpoint_of(method: str, args) -> str | None:
+    """The `--<method>-checkpoint` of a method that needs one (None otherwise)."""
+    return getattr(args, f"{method}_checkpoint", None) if registry.METHODS[method].needs_checkpoint else None
+
+
 def method_command(method: str, args, k: int, seed: int, save_dir: Path) -> list[str]:
-    """The CLI invocation of one run."""
-    py = sys.executable
-    common = ["--k-shot", str(k), "--seed", str(seed), "--save-dir", str(save_dir), "--backbone", args.backbone,
-              "--device", args.device]  # fmt: skip
+    """The CLI invocation of one run: `fsad eval --method METHOD ...` (python -m engine.cli, no install needed)."""
+    entry = registry.METHODS[method]
+    cmd = [sys.executable, "-m", "engine.cli", "eval", "--method", method, "--dataset-root", args.dataset_root,
+           "--k-shot", str(k), "--seed", str(seed), "--save-dir", str(save_dir), "--backbone", args.backbone,
+           "--device", args.device, "--quiet", *entry.bench_eval]  # fmt: skip
     if args.image_size:
-        common += ["--image-size", str(args.image_size)]
-    if method == "knn":
-        cmd = [py, "-m", "baseline.knn", "--dataset-root", args.dataset_root, *common, "--quiet"]
-    elif method == "fdsl":
-        cmd = [py, "-m", "fdsl.test", "--dataset-root", args.dataset_root, "--checkpoint", args.fdsl_checkpoint,
-               "--win-mode", "nan", *common, "--progress", "0"]  # fmt: skip
-    else:
-        cmd = [py, str(REPO / "main.py"), "--data-root", args.dataset_root, *common, "--quiet"]
+        cmd += ["--image-size", str(args.image_size)]
+    if entry.needs_checkpoint:
+        cmd += ["--checkpoint", str(checkpoint_of(method, args))]
     if args.class_name:
         cmd += ["--class-name", args.class_name]
     return cmd + shlex.split(getattr(args, f"{method}_args", "") or "")
@@ -143,9 +145,10 @@ def run_one(method: str, k: int, seed: int, args, runs_dir: Path) -> dict:
         results_path.unlink()  # never read a stale result of an earlier benchmark
     cmd = method_command(method, args, k, seed, save_dir)
     row = {"method": method, "k_shot": k, "seed": seed, "command": shlex.join(cmd), "save_dir": str(save_dir)}
-    if method == "fdsl" and not Path(args.fdsl_checkpoint).is_file():  # fail fast: no torch start-up to learn it
+    checkpoint = checkpoint_of(method, args)
+    if checkpoint is not None and not Path(checkpoint).is_file():  # fail fast: no torch start-up to learn it
         return {**row, "status": "failed", "wall_seconds": 0.0, "peak_rss_mb": None,
-                "error": f"error: checkpoint {args.fdsl_checkpoint} does not exist"}  # fmt: skip
+                "error": f"error: checkpoint {checkpoint} does not exist"}  # fmt: skip
     rss_file = save_dir / "peak_rss_kb.txt"
     use_time = os.access(TIME_BIN, os.X_OK)
     if args.aggregate_only:  # re-read a finished run (e.g. after a report error) instead of running it again
@@ -153,7 +156,8 @@ def run_one(method: str, k: int, seed: int, args, runs_dir: Path) -> dict:
     full = [TIME_BIN, "-f", "%M", "-o", str(rss_file), *cmd] if use_time else cmd
     start = time.perf_counter()
     with open(save_dir / "stdout.txt", "w") as out, open(save_dir / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(full, cwd=REPO, stdout=out, stderr=err)
+        env = {**os.environ, "FSAD_TIMING": "1"}  # the runs time their backbone forwards (common.timing)
+        proc = subprocess.Popen(full, cwd=REPO, stdout=out, stderr=err, env=env)
         poller = None if use_time else _PeakRSS(proc.pid)
         code = proc.wait()
         peak_kb = poller.stop() if poller else None
@@ -251,10 +255,9 @@ def long_run(method: str, n_calls: int, args) -> dict:
     options = {"backbone": args.backbone}
     if args.image_size:
         options["image_size"] = args.image_size
-    if method == "fdsl":
-        options["checkpoint"] = args.fdsl_checkpoint
-    if method == "pcsnet":
-        options["epochs"] = 2  # the predict path is what is measured, not the training
+    if registry.METHODS[method].needs_checkpoint:
+        options["checkpoint"] = checkpoint_of(method, args)
+    options.update(registry.METHODS[method].bench_predict)
     predictor = api.build_detector(method, refs, device=args.device, threshold=1.0, **options)
     for i in range(20):
         predictor.predict(queries[i % len(queries)])
@@ -345,8 +348,9 @@ def _validate(args) -> tuple[list[str], list[int], list[int]]:
         raise UserError(f"dataset root {root} does not exist")
     if not (root / "meta.json").is_file():
         raise UserError(f"no meta.json in {root}; run `python data/mvtec.py --root {root}` first")
-    if "fdsl" in methods and not args.fdsl_checkpoint:
-        raise UserError("method fdsl needs --fdsl-checkpoint FILE")
+    for method in methods:
+        if registry.METHODS[method].needs_checkpoint and not checkpoint_of(method, args):
+            raise UserError(f"method {method} needs --{method}-checkpoint FILE")
     if args.image_size is not None and args.image_size < 1:
         raise UserError(f"--image-size must be positive, got {args.image_size}")
     return methods, shots, seeds
@@ -358,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     methods, shots, seeds = _validate(args)
     args.dataset_root = str(Path(args.dataset_root).resolve())
-    if args.fdsl_checkpoint:
-        args.fdsl_checkpoint = str(Path(args.fdsl_checkpoint).resolve())
+    for method in methods:
+        if checkpoint_of(method, args):
+            setattr(args, f"{method}_checkpoint", str(Path(checkpoint_of(method, args)).resolve()))
     out = check_writable_dir(args.out).resolve()
     runs_dir = out / "runs"
     if not os.access(TIME_BIN, os.X_OK) and not Path("/proc/self/status").exists():

@@ -14,8 +14,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from common.utils import UserError, cli_entry  # noqa: E402
 
 

@@ -85,7 +85,10 @@ def test_onnx_graph_equals_the_predict_path(parts, setting, tmp_path):
         x = consumer_input(path, spec)
         np.testing.assert_allclose(x, predictor.preprocess([read_image(path)]).numpy(), atol=1e-6)
         onnx_map, onnx_score = run.run(None, {"image": x})
-        assert onnx_map.shape == (1, 64, 64) and onnx_score.shape == (1,) and onnx_map.dtype == np.float32
+        # maps at the detector's eval size, as predict and eval give them (engine: FDSL at its 240 px, the others S)
+        side = 240 if method == "fdsl" else 64
+        assert spec["eval_size"] == predictor.post.size == side
+        assert onnx_map.shape == (1, side, side) and onnx_score.shape == (1,) and onnx_map.dtype == np.float32
         np.testing.assert_allclose(onnx_map[0], torch_maps[i], rtol=0, atol=1e-4)
         assert float(onnx_score[0]) == pytest.approx(float(torch_scores[i]), rel=1e-5, abs=1e-6)
 

@@ -166,13 +166,22 @@ def test_fused_lite0_features_equal_the_unfused_network(lite0):
     assert torch.allclose(got, y, atol=1e-4 * y.abs().max().item())
 
 
-def test_backbone_seconds_count_forwards(tiny_vit):
+def test_backbone_seconds_count_forwards_only_when_timing_is_on(tiny_vit):
     from common.backbones import backbone_seconds
+    from common.timing import backbone_timing, enabled
 
     before = backbone_seconds()
     with torch.no_grad():
         tiny_vit(torch.randn(1, 3, 64, 64))
-    assert backbone_seconds() > before
+    assert backbone_seconds() == before and not enabled()  # off by default: no hook on the production path
+    with backbone_timing(), torch.no_grad():
+        assert enabled()
+        tiny_vit(torch.randn(1, 3, 64, 64))
+    after = backbone_seconds()
+    assert after > before and not enabled()
+    with torch.no_grad():
+        tiny_vit(torch.randn(1, 3, 64, 64))
+    assert backbone_seconds() == after  # the hooks are gone again
 
 
 def test_allocator_keeps_freed_memory_unless_told_not_to():

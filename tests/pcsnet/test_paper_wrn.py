@@ -20,8 +20,8 @@ from tests.fixtures import make_mvtec_tree
 
 REPO = Path(__file__).resolve().parents[2]
 W, PRIOR, BINS = 896, 200, 4
-# Hand count of the paper-width model (design/pcsnet.md section 3 counts ~120.3M with the 4 unused PFENet aux heads,
-# 4 x (3x3 896->896 + 1x1 ->1) = 28.9M, which we do not build): merge 1x1s, alpha 1x1s, beta 2x 3x3 per bin,
+# Hand count of the paper-width model (docs/design/pcsnet.md section 3 counts ~120.3M with the 4 unused PFENet aux
+# heads, 4 x (3x3 896->896 + 1x1 ->1) = 28.9M, which we do not build): merge 1x1s, alpha 1x1s, beta 2x 3x3 per bin,
 # res1, res2, classifier 3x3 + 1x1 (bias); descriptor CoordConvs (C + 2 -> C, bias); C at the 16 x 16 grid; r, scale.
 CAS = BINS * (W + PRIOR) * W + (BINS - 1) * 2 * W * W + BINS * 2 * 9 * W * W + BINS * W * W + 2 * 9 * W * W \
     + 9 * W * W + W + 1  # fmt: skip

@@ -201,3 +201,49 @@ def test_class_without_records_keeps_its_metrics_and_support(tmp_path):
     sections = text.read_text().split('<section id="c-')[1:]
     assert sections[0].startswith("done") and "no examples recorded" in sections[0] and "support" in sections[0]
     assert sections[1].startswith("fresh") and "no examples recorded" not in sections[1] and "ROC" in sections[1]
+
+
+def test_output_guard_restores_an_earlier_report_when_a_run_fails(dataset, tmp_path, monkeypatch):
+    # a run that fails on bad input midway (second class) leaves the folder as the earlier run left it
+    from baseline import knn
+    from common.utils import UserError
+
+    assert _knn(dataset, tmp_path, "--report-images", "1") == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert "report.html" in before and "results.json" in before
+    seen = []
+
+    def failing_setup(self, class_name, support):
+        seen.append(class_name)
+        if len(seen) > 1:
+            raise UserError("bad second class")
+        return original(self, class_name, support)
+
+    original = knn.KNNDetector.setup
+    monkeypatch.setattr(knn.KNNDetector, "setup", failing_setup)
+    assert _knn(dataset, tmp_path, "--no-report") == 2  # --no-report would remove the report, but the run fails
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_predict_no_report_removes_a_stale_one(dataset, tmp_path):
+    from baseline.predict import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.html").write_text("stale")
+    args = ["--reference", str(dataset / "a" / "train" / "good"), "--images", str(dataset / "a" / "test" / "good"),
+            "--out", str(out), "--image-size", "64", "--quiet", "--no-panels"]  # fmt: skip
+    assert main([*args, "--no-report"]) == 0
+    assert (out / "predictions.csv").is_file() and not (out / "report.html").exists()
+    assert main([*args, "--report-images", "1"]) == 0
+    assert "1 of 3 shown" in (out / "report.html").read_text()
+
+
+def test_fsad_has_export_and_report_subcommands(dataset, tmp_path, capsys):
+    from engine.cli import SUBCOMMANDS, load_target, main
+
+    assert SUBCOMMANDS["export"][0] == "export.cli:main" and SUBCOMMANDS["report"][0] == "report.index:main"
+    assert all(callable(load_target(target)) for target, _ in SUBCOMMANDS.values())
+    assert _knn(dataset, tmp_path / "run", "--class-name", "a", "--report-images", "0") == 0
+    assert main(["report", str(tmp_path / "run"), "--index", str(tmp_path / "index.html")]) == 0
+    assert 'href="run/report.html"' in (tmp_path / "index.html").read_text()

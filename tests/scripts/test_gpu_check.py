@@ -35,13 +35,17 @@ def test_dry_run_lists_both_paper_stages(tmp_path):
     assert "--pretrained random" in lines[0] and "--pretrained random" in lines[2]
 
 
-def test_cpu_smoke_runs_the_fdsl_stage_and_reports_it(tmp_path):
-    proc = _run("--smoke", "--stages", "fdsl", "--out", str(tmp_path / "o"), timeout=600)
+def test_cpu_smoke_runs_both_stages_and_reports_them(tmp_path):
+    # both stages since the merge (PCSNet's --pretrained random WRN came with the paper-pcsnet branch)
+    proc = _run("--smoke", "--out", str(tmp_path / "o"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = [line for line in proc.stdout.splitlines() if line.startswith("[fdsl]")]
-    assert len(summary) == 1 and "seconds per test image" in summary[0] and "peak GPU memory n/a (CPU)" in summary[0]
-    assert "test precision fp32, TF32 False" in summary[0]
-    assert (tmp_path / "o/fdsl_results/results.json").is_file()
+    for stage in ("fdsl", "pcsnet"):
+        summary = {line for line in proc.stdout.splitlines() if line.startswith(f"[{stage}]")}
+        assert len(summary) == 1, summary  # the summary is printed once per stage (repeated at the end)
+        line = summary.pop()
+        assert "seconds per test image" in line and "peak GPU memory n/a (CPU)" in line
+        assert "test precision fp32, TF32 False" in line
+        assert (tmp_path / f"o/{stage}_results/results.json").is_file()
 
 
 def test_stage_summary_line_from_results_and_step_stats(tmp_path, capsys):
