@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # `python scripts/devbench.py` from anywhere
+from data.devbench import ALL_FOLD, GROUP, QUICK_SOURCES, SOURCES
 
-from data.devbench import ALL_FOLD, GROUP, QUICK_SOURCES, SOURCES  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BACKBONE = "efficientnet_lite0"
 DEFAULT_VARIANTS = {
