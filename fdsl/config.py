@@ -26,6 +26,11 @@ PAPER_BACKBONE = "ViT-L-14-336"
 # `auto`: fp16 autocast on CUDA, fp32 elsewhere: the original trains and tests under torch.cuda.amp.autocast.
 FDSL_PRECISIONS = (*PRECISIONS, "auto")
 PROTOCOLS = ("ours", "paper")  # a label: configs/fdsl/paper_*.yaml set `paper` together with the paper's switches
+# FD/ASL fusion for CNN backbones, chosen on the dev benchmark (README "Development benchmark", session 4): on 10
+# offline sources with test-only defects and leave-one-source-out heads (k=4), the training-free FD map alone beat
+# the learned ASL map and kNN on image AUROC (numbers in the README); the held-out real-defect benchmark agreed (FD
+# alone .872, ASL .839, kNN .864). ViT backbones and paper mode keep the paper's 0.
+CNN_FD_WEIGHT = 1.0
 
 
 _opt = config.option  # a dataclass field carrying its CLI help, choices, aliases (common.config)
@@ -136,7 +141,11 @@ class TestConfig:
         "selected reference windows (the original); own = each query window only against its own selected window",
         choices=("pooled", "own"),
     )
-    fd_weight: float = _opt(0.0, "blend a in (1 - a) * ASL + a * mean_l(1 - max cos); 0 = original code")
+    fd_weight: float | None = _opt(
+        None,
+        "blend a in (1 - a) * ASL + a * mean_l(1 - max cos); 0 = the original code (ViT / paper mode); default: 0 for "
+        f"ViT backbones, {CNN_FD_WEIGHT} for CNN backbones (chosen on the dev benchmark: scripts/devbench.py)",
+    )
     coreset: float = _opt(
         1.0,
         "fraction of reference patches kept in the FD banks (greedy k-center, as PatchCore); 1 = all (exact, the "

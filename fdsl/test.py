@@ -15,7 +15,7 @@ import sys
 import torch
 
 from common import distributed
-from common.backbones import align_features, build_backbone, resolve_image_size
+from common.backbones import CNN_NAMES, align_features, build_backbone, resolve_image_size
 from common.contract import minmax_fusion
 from common.evaluation import report_images_option
 from common.few_shot import sample_support
@@ -23,7 +23,7 @@ from common.results import format_table
 from common.utils import UserError, cli_entry, resolve_workers
 from data.dataset import load_images
 from fdsl.checkpoint import build_head, load_checkpoint, resolve_pretrained
-from fdsl.config import TestConfig, build_parser, resolve_config, resolve_precision
+from fdsl.config import CNN_FD_WEIGHT, TestConfig, build_parser, resolve_config, resolve_precision
 from fdsl.detector import DetectorOptions, FDSLDetector
 from fdsl.windows import WindowGeometry, check_encode_mode
 
@@ -43,7 +43,7 @@ def check_test_config(cfg: TestConfig) -> None:
     if cfg.k_shot < 1:
         raise UserError(f"--k-shot must be at least 1 (got {cfg.k_shot})")
     report_images_option(cfg.report_images, bool(cfg.no_report))
-    if not 0 <= cfg.win_weight <= 1 or not 0 <= cfg.fd_weight <= 1:
+    if not 0 <= cfg.win_weight <= 1 or not 0 <= (0 if cfg.fd_weight is None else cfg.fd_weight) <= 1:
         raise UserError("--win-weight and --fd-weight must be in [0, 1]")
     resolve_workers(cfg.num_workers)  # a negative count fails before any model work
     if not 0 < cfg.coreset <= 1:
@@ -70,6 +70,7 @@ def resolve_test_config(cfg: TestConfig, state: dict) -> TestConfig:
         pretrained=resolve_pretrained(backbone, cfg.pretrained or trained.get("pretrained")),
         image_size=cfg.image_size or trained["image_size"],
         use_nam=int(state["use_nam"]) if cfg.use_nam is None else cfg.use_nam,
+        fd_weight=cfg.fd_weight if cfg.fd_weight is not None else (CNN_FD_WEIGHT if backbone in CNN_NAMES else 0.0),
     )
 
 
@@ -186,7 +187,8 @@ def run(cfg: TestConfig) -> dict:
         return detector
 
     def notes(results: dict) -> list[str]:
-        return [f"image score: {results['image_score']}; fd_weight {cfg.fd_weight}; use_nam {built[0][0].use_nam}; "
+        return [f"image score: {results['image_score']}; fd_weight {built[0][0].fd_weight}; "
+                f"use_nam {built[0][0].use_nam}; "
                 f"bank bytes (last class): {results['bank_bytes']}"]  # fmt: skip
 
     request = request_from(resolved, "fdsl", class_names=cfg.class_name, progress=bool(cfg.progress),
