@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from common.config import add_fields
 from common.evaluation import add_report_arguments, report_images_option
 from common.utils import (  # noqa: E402
-    PRECISIONS,
     UserError,
     check_output_outside,
     check_writable_dir,
@@ -32,12 +32,17 @@ from common.utils import (  # noqa: E402
     resolve_workers,
     set_seed,
 )
+from pcsnet.config import PCSNetConfig
 
 REPO = Path(__file__).resolve().parent
 PAPER_CONFIG = REPO / "configs" / "pcsnet" / "paper.yaml"
 PAPER_K_SHOT = 2  # docs/design/pcsnet.md section 4: the original hard-codes k = 2
 PAPER_SAVE_DIR = "runs/pcsnet_paper"
 PAPER_DATA_ROOT = "./data/mvtec"
+# The PCSNet options that are flags of main.py (`--image-size`, ...; generated from the PCSNetConfig fields, with
+# their help and default); every option, these included, is also a YAML key and a `--set KEY=VALUE`.
+FLAG_FIELDS = ("backbone", "pretrained", "image_size", "epochs", "grid_size", "cas_width", "refresh_prototypes",
+               "aug_pool", "batch_size", "pdc_mode", "fuse_pfa", "num_workers", "precision", "select")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,36 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the paper protocol, as `python main.py` with no arguments: --config configs/pcsnet/paper.yaml"
                    f", k {PAPER_K_SHOT}, data root $MVTEC_ROOT or {PAPER_DATA_ROOT}, save dir {PAPER_SAVE_DIR}")
     p.add_argument("--class-name", default="all", help="'all' (default) or one class name")
-    p.add_argument("--backbone", help="efficientnet_lite0 (default, offline) | wide_resnet50_2 (paper)")
-    p.add_argument("--pretrained",
-                   help="weights file for wide_resnet50_2 (else the local torch cache); 'random' = the architecture "
-                   "with random weights (tests, timing; said loudly)")  # fmt: skip
-    p.add_argument("--image-size", type=int, help="input side in pixels (default 256; paper 224)")
-    p.add_argument("--epochs", type=int, help="training epochs per class (default 50, as the paper)")
     p.add_argument("--device", default=None, help="cpu, a CUDA index such as 0, or cuda:N (default: best available)")
     p.add_argument("--config", metavar="YAML", help="config file, e.g. configs/pcsnet/paper.yaml")
-    p.add_argument("--grid-size", type=int, help="feature grid side (paper 64; default image size / 8)")
-    p.add_argument("--cas-width", type=int, help="CAS channels (paper 896; default 64)")
-    p.add_argument("--refresh-prototypes", type=int, help="recompute the prototypes every N epochs (0 = at init only)")
-    p.add_argument("--aug-pool", type=int, help="pseudo anomalies precomputed per support image (0 = fresh per step)")
-    p.add_argument("--batch-size", type=int, help="clean support images per training step (default 2)")
-    p.add_argument("--pdc-mode", choices=("softmax", "bce"), help="L_PDC form (default softmax ranking)")
-    p.add_argument("--fuse-pfa", type=float, help="weight x PFA distance map added to CAS (default 1.0; paper 0)")
+    add_fields(p, PCSNetConfig, FLAG_FIELDS)  # unset flags stay out of the namespace: the config's value holds
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any PCSNet config option (YAML value), e.g. --set lr_cas=0.001; repeatable")  # fmt: skip
     p.add_argument("--vis-dir", metavar="DIR", help="write heat-map PNG panels of every test image here")
     p.add_argument("--no-checkpoints", action="store_true", help="do not write checkpoints/<class>.pt")
     p.add_argument("--save-checkpoints", action="store_true",
                    help="write checkpoints/<class>.pt where the config does not (paper.yaml: off, fp16 when on)")
-    p.add_argument("--select", choices=("last", "best-of-evals"),
-                   help="last (default): the last epoch's model; best-of-evals: ALSO test after epochs 0, 10, 20, ... "
-                   "and report the best of each metric in results.json 'best_of_evals' (transductive: it picks on "
-                   "the test set, as the original); the top-level numbers stay the last epoch's")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--num-workers", type=int,
-                   help="DataLoader workers decoding test images (default: 0 on CPU, up to 4 on CUDA)")  # fmt: skip
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="backbone forward: fp32 (default), or bf16 / fp16 autocast (fp16: CUDA only)")  # fmt: skip
     p.add_argument(
         "--resume",
         action="store_true",
@@ -99,13 +84,7 @@ def resolve_config(args: argparse.Namespace):
 
     from pcsnet.config import load_config
 
-    overrides = {
-        "backbone": args.backbone, "pretrained": args.pretrained, "image_size": args.image_size,
-        "epochs": args.epochs, "grid_size": args.grid_size, "cas_width": args.cas_width,
-        "refresh_prototypes": args.refresh_prototypes, "aug_pool": args.aug_pool, "batch_size": args.batch_size,
-        "pdc_mode": args.pdc_mode, "fuse_pfa": args.fuse_pfa, "num_workers": args.num_workers,
-        "precision": args.precision, "select": args.select,
-    }  # fmt: skip
+    overrides = {name: getattr(args, name) for name in FLAG_FIELDS if hasattr(args, name)}
     if args.no_checkpoints and args.save_checkpoints:
         raise UserError("--no-checkpoints and --save-checkpoints contradict each other; give one")
     if args.no_checkpoints or args.save_checkpoints:
@@ -149,7 +128,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.k_shot < 1:
         raise UserError(f"--k-shot must be at least 1, got {args.k_shot}")
     report_images_option(args.report_images, args.no_report)
-    resolve_workers(args.num_workers)  # a negative count fails here, before any model work
+    resolve_workers(getattr(args, "num_workers", None))  # a negative count fails here, before any model work
     root = Path(args.data_root)
     if not root.is_dir():
         if getattr(args, "data_root_source", None):
