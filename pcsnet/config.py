@@ -142,6 +142,7 @@ class PCSNetConfig:
             (self.image_size >= 16, f"image size must be at least 16, got {self.image_size}"),
             (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.test_batch_size >= 1, f"test_batch_size must be >= 1, got {self.test_batch_size}"),
             (self.cas_width >= 1, f"CAS width must be >= 1, got {self.cas_width}"),
             (self.refresh_prototypes >= 0, "refresh-prototypes must be >= 0"),
             (self.aug_pool >= 0, "aug-pool must be >= 0"),
