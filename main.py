@@ -15,29 +15,29 @@ writes the merged results. `--resume` records each finished class in OUT/classes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
+from common.config import add_fields
 from common.evaluation import add_report_arguments, report_images_option
 from common.utils import (  # noqa: E402
-    PRECISIONS,
     UserError,
-    check_output_outside,
-    check_writable_dir,
     cli_entry,
-    parse_device,
     resolve_workers,
     set_seed,
 )
+from pcsnet.config import PCSNetConfig
 
 REPO = Path(__file__).resolve().parent
 PAPER_CONFIG = REPO / "configs" / "pcsnet" / "paper.yaml"
 PAPER_K_SHOT = 2  # docs/design/pcsnet.md section 4: the original hard-codes k = 2
 PAPER_SAVE_DIR = "runs/pcsnet_paper"
 PAPER_DATA_ROOT = "./data/mvtec"
+# The PCSNet options that are flags of main.py (`--image-size`, ...; generated from the PCSNetConfig fields, with
+# their help and default); every option, these included, is also a YAML key and a `--set KEY=VALUE`.
+FLAG_FIELDS = ("backbone", "pretrained", "image_size", "epochs", "grid_size", "cas_width", "refresh_prototypes",
+               "aug_pool", "batch_size", "pdc_mode", "fuse_pfa", "num_workers", "precision", "select")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,36 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the paper protocol, as `python main.py` with no arguments: --config configs/pcsnet/paper.yaml"
                    f", k {PAPER_K_SHOT}, data root $MVTEC_ROOT or {PAPER_DATA_ROOT}, save dir {PAPER_SAVE_DIR}")
     p.add_argument("--class-name", default="all", help="'all' (default) or one class name")
-    p.add_argument("--backbone", help="efficientnet_lite0 (default, offline) | wide_resnet50_2 (paper)")
-    p.add_argument("--pretrained",
-                   help="weights file for wide_resnet50_2 (else the local torch cache); 'random' = the architecture "
-                   "with random weights (tests, timing; said loudly)")  # fmt: skip
-    p.add_argument("--image-size", type=int, help="input side in pixels (default 256; paper 224)")
-    p.add_argument("--epochs", type=int, help="training epochs per class (default 50, as the paper)")
     p.add_argument("--device", default=None, help="cpu, a CUDA index such as 0, or cuda:N (default: best available)")
     p.add_argument("--config", metavar="YAML", help="config file, e.g. configs/pcsnet/paper.yaml")
-    p.add_argument("--grid-size", type=int, help="feature grid side (paper 64; default image size / 8)")
-    p.add_argument("--cas-width", type=int, help="CAS channels (paper 896; default 64)")
-    p.add_argument("--refresh-prototypes", type=int, help="recompute the prototypes every N epochs (0 = at init only)")
-    p.add_argument("--aug-pool", type=int, help="pseudo anomalies precomputed per support image (0 = fresh per step)")
-    p.add_argument("--batch-size", type=int, help="clean support images per training step (default 2)")
-    p.add_argument("--pdc-mode", choices=("softmax", "bce"), help="L_PDC form (default softmax ranking)")
-    p.add_argument("--fuse-pfa", type=float, help="weight x PFA distance map added to CAS (default 1.0; paper 0)")
+    add_fields(p, PCSNetConfig, FLAG_FIELDS)  # unset flags stay out of the namespace: the config's value holds
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any PCSNet config option (YAML value), e.g. --set lr_cas=0.001; repeatable")  # fmt: skip
     p.add_argument("--vis-dir", metavar="DIR", help="write heat-map PNG panels of every test image here")
     p.add_argument("--no-checkpoints", action="store_true", help="do not write checkpoints/<class>.pt")
     p.add_argument("--save-checkpoints", action="store_true",
                    help="write checkpoints/<class>.pt where the config does not (paper.yaml: off, fp16 when on)")
-    p.add_argument("--select", choices=("last", "best-of-evals"),
-                   help="last (default): the last epoch's model; best-of-evals: ALSO test after epochs 0, 10, 20, ... "
-                   "and report the best of each metric in results.json 'best_of_evals' (transductive: it picks on "
-                   "the test set, as the original); the top-level numbers stay the last epoch's")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--num-workers", type=int,
-                   help="DataLoader workers decoding test images (default: 0 on CPU, up to 4 on CUDA)")  # fmt: skip
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="backbone forward: fp32 (default), or bf16 / fp16 autocast (fp16: CUDA only)")  # fmt: skip
     p.add_argument(
         "--resume",
         action="store_true",
@@ -99,13 +79,7 @@ def resolve_config(args: argparse.Namespace):
 
     from pcsnet.config import load_config
 
-    overrides = {
-        "backbone": args.backbone, "pretrained": args.pretrained, "image_size": args.image_size,
-        "epochs": args.epochs, "grid_size": args.grid_size, "cas_width": args.cas_width,
-        "refresh_prototypes": args.refresh_prototypes, "aug_pool": args.aug_pool, "batch_size": args.batch_size,
-        "pdc_mode": args.pdc_mode, "fuse_pfa": args.fuse_pfa, "num_workers": args.num_workers,
-        "precision": args.precision, "select": args.select,
-    }  # fmt: skip
+    overrides = {name: getattr(args, name) for name in FLAG_FIELDS if hasattr(args, name)}
     if args.no_checkpoints and args.save_checkpoints:
         raise UserError("--no-checkpoints and --save-checkpoints contradict each other; give one")
     if args.no_checkpoints or args.save_checkpoints:
@@ -149,7 +123,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.k_shot < 1:
         raise UserError(f"--k-shot must be at least 1, got {args.k_shot}")
     report_images_option(args.report_images, args.no_report)
-    resolve_workers(args.num_workers)  # a negative count fails here, before any model work
+    resolve_workers(getattr(args, "num_workers", None))  # a negative count fails here, before any model work
     root = Path(args.data_root)
     if not root.is_dir():
         if getattr(args, "data_root_source", None):
@@ -164,50 +138,30 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--save-dir {args.save_dir} is inside the dataset folder {root}; choose another folder")
 
 
-def select_classes(meta: dict, class_name: str) -> list[str]:
-    """The test classes to run: all of them, or the one named (UserError listing the known ones otherwise)."""
-    from data.meta import class_names
-
-    known = class_names(meta, "test")
-    if class_name == "all":
-        return known
-    if class_name not in known:
-        raise UserError(f"unknown class '{class_name}' (--class-name); known: {', '.join(known)}")
-    return [class_name]
-
-
-def run_key(args: argparse.Namespace, cfg) -> dict:
-    """What a recorded class result depends on: data, k, seed and the resolved config (as JSON would store it)."""
+def run_extra(cfg, reports: dict[str, dict], per_class: dict, log: list[str]) -> dict:
+    """results.json's `pcsnet` block (and `best_of_evals` with --select best-of-evals); fills `log` (log.txt)."""
     from pcsnet.config import config_to_dict
 
-    config = {k: v for k, v in config_to_dict(cfg).items() if k not in ("save_checkpoints", "num_workers")}
-    key = {"data_root": str(Path(args.data_root).resolve()), "k_shot": args.k_shot, "seed": args.seed, "config": config}
-    return json.loads(json.dumps(key))
+    train_s = {c: reports[c]["train_seconds"] for c in per_class}
+    test_s = {c: r.seconds - (train_s[c] or 0.0) for c, r in per_class.items()}
+    n_images = sum(r.n_images for r in per_class.values())
+    extra = {"pcsnet": {
+        "config": config_to_dict(cfg),
+        "train_seconds": train_s,
+        "test_seconds_per_image": sum(test_s.values()) / max(n_images, 1),
+        "final_losses": {c: reports[c].get("final_loss") for c in per_class},
+    }}  # fmt: skip
+    log += [f"{c}: train {train_s[c] or 0.0:.1f} s, test {test_s[c] / max(r.n_images, 1):.3f} s/image"
+            for c, r in per_class.items()]  # fmt: skip
+    if cfg.select == "best-of-evals":
+        from pcsnet.selection import results_block
 
-
-def load_finished(save_dir: Path, classes: list[str], key: dict) -> dict[str, dict]:
-    """The class records of an earlier `--resume` run in SAVE_DIR/classes/; UserError if one has other options."""
-    done = {}
-    for name in classes:
-        path = save_dir / "classes" / f"{name}.json"
-        if not path.is_file():
-            continue
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"--resume: cannot read {path}: {exc}") from exc
-        if record.get("run") != key:
-            old, new = record.get("run") or {}, key
-            diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-            if "config" in diffs:
-                oc, nc = old.get("config") or {}, new["config"]
-                diffs += [k for k in sorted(set(oc) | set(nc)) if oc.get(k) != nc.get(k)]
-            raise UserError(
-                f"--resume: {path} was recorded with other options ({', '.join(d for d in diffs if d != 'config')}); "
-                "use the same options or another --save-dir"
-            )
-        done[name] = record
-    return done
+        evals = {c: reports[c]["evals"] for c in per_class if reports[c].get("evals") is not None}
+        extra["best_of_evals"] = results_block(evals, list(per_class))  # beside, never instead of, the last epoch's
+        best = extra["best_of_evals"]["mean"]
+        log.append("best-of-evals (TRANSDUCTIVE, picked on the test set, as the original reports): "
+                   + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if v is not None))  # fmt: skip
+    return extra
 
 
 @cli_entry
@@ -223,124 +177,50 @@ def main(argv: list[str] | None = None) -> int:
         from common.backbones import wrn_weights_path
 
         wrn_weights_path(cfg.pretrained)  # missing weights: one line before any folder or model work
+    import torch
+
     from common import distributed
-
-    device = distributed.init(parse_device(args.device))
-    check_output_outside(args.save_dir, args.data_root, "--save-dir")
-    save_dir = check_writable_dir(args.save_dir)
-
     from common.backbones import build_backbone
-    from common.evaluation import check_eval_inputs, timing_breakdown
     from common.few_shot import sample_support
-    from common.results import build_results, write_results
-    from common.utils import atomic_write_json
-    from data.meta import load_meta
-    from engine.loop import ClassResult, EvalConfig, evaluate_sharded
-    from engine.reporting import EvalReport, remove_stale
+    from engine.loop import EvalConfig
+    from engine.runner import EvalRequest, run_eval
     from pcsnet.config import config_to_dict
     from pcsnet.trainer import PCSNetDetector
 
-    meta = load_meta(args.data_root)
-    classes = select_classes(meta, args.class_name)
-    check_eval_inputs(meta, args.data_root, classes, args.k_shot, args.seed)  # before loading any weights
-    set_seed(args.seed)
-    key = run_key(args, cfg)
-    # rank 0 reads the records and hands them to the others, so every rank agrees on what is left to run
-    done = distributed.gather_objects(
-        load_finished(save_dir, classes, key) if args.resume and distributed.is_main() else {}
-    )[0]
-    todo = [c for c in classes if c not in done]
-    backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, layers=cfg.layers, device=device,
-                              precision=cfg.precision, wrn_export=cfg.wrn_export)  # fmt: skip
-    detector = PCSNetDetector(
-        backbone, cfg, args.seed, save_dir if cfg.save_checkpoints else None,
-        support_paths=lambda name: sample_support(meta, name, args.k_shot, args.seed),
-        progress=not args.quiet and distributed.is_main(),
-    )  # fmt: skip
-
-    def record(name: str, result) -> None:
-        history = detector.histories.get(name)
-        atomic_write_json(save_dir / "classes" / f"{name}.json", {
-            "run": key, "metrics": result.metrics, "support": result.support, "n_images": result.n_images,
-            "seconds": result.seconds, "train_seconds": detector.train_seconds.get(name, 0.0),
-            "setup_seconds": result.setup_seconds, "backbone_seconds": result.backbone_seconds,
-            "data_seconds": result.data_seconds,
-            "final_loss": history[-1] if history else None, "evals": selector.evals.get(name) if selector else None,
-        })  # fmt: skip
-
-    report_images = report_images_option(args.report_images, args.no_report)
-    report = EvalReport(args.data_root, report_images) if report_images is not None else None
-    eval_cfg = EvalConfig(
-        dataset_root=args.data_root, k_shot=args.k_shot, seed=args.seed, image_size=cfg.image_size,
-        mean=backbone.mean, std=backbone.std, class_names=todo, batch_size=cfg.test_batch_size,
-        num_workers=resolve_workers(cfg.num_workers, device),
-        smooth_sigma=cfg.smooth_sigma, device=device, vis_dir=args.vis_dir, class_done=record if args.resume else None,
-        resize_size=cfg.resolved_resize(), resample=cfg.resample,
-        observers=[report] if report is not None else [],
-    )  # fmt: skip
-    selector = None
-    if cfg.select == "best-of-evals":
-        from pcsnet.selection import BestOfEvals
-
-        selector = BestOfEvals(detector, eval_cfg)
-        detector.on_eval = selector
-    if done and distributed.is_main():
-        print(f"--resume: {len(done)} class(es) already recorded in {save_dir / 'classes'}: {', '.join(done)}")
-    start = time.perf_counter()
-    fresh, train_s, final_losses, evals, sections = {}, {}, {}, {}, {}
-    if todo:
-        fresh, _, payloads = evaluate_sharded(
-            detector, eval_cfg, progress=not args.quiet and distributed.is_main(),
-            payload=lambda: (detector.train_seconds, {c: h[-1] if h else None for c, h in detector.histories.items()},
-                             selector.evals if selector else {}, report.sections if report else {}),
+    def build(device: torch.device, meta: dict) -> PCSNetDetector:
+        set_seed(args.seed)
+        backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, layers=cfg.layers, device=device,
+                                  precision=cfg.precision, wrn_export=cfg.wrn_export)  # fmt: skip
+        detector = PCSNetDetector(
+            backbone, cfg, args.seed, Path(args.save_dir) if cfg.save_checkpoints else None,
+            support_paths=lambda name: sample_support(meta, name, args.k_shot, args.seed),
+            progress=not args.quiet and distributed.is_main(),
         )  # fmt: skip
-        for seconds, losses, passes, rendered in payloads:
-            train_s.update(seconds)
-            final_losses.update(losses)
-            evals.update(passes)
-            sections.update(rendered)
-    total = time.perf_counter() - start
-    for name, rec in done.items():
-        fresh[name] = ClassResult(rec["metrics"], rec["support"], rec["n_images"], rec["seconds"],
-                                  setup_seconds=rec.get("setup_seconds"), backbone_seconds=rec.get("backbone_seconds"),
-                                  data_seconds=rec.get("data_seconds"))  # fmt: skip
-        train_s[name], final_losses[name] = rec["train_seconds"], rec["final_loss"]
-        if rec.get("evals") is not None:
-            evals[name] = rec["evals"]
-        total += rec["seconds"]
-    per_class = {c: fresh[c] for c in classes}
-    train_s = {c: train_s[c] for c in classes if c in train_s}
-    test_s = {c: r.seconds - train_s.get(c, 0.0) for c, r in per_class.items()}
-    n_images = sum(r.n_images for r in per_class.values())
-    extra = {"pcsnet": {
-        "config": config_to_dict(cfg),
-        "train_seconds": train_s,
-        "test_seconds_per_image": sum(test_s.values()) / max(n_images, 1),
-        "final_losses": {c: final_losses.get(c) for c in classes},
-    }}  # fmt: skip
-    if selector is not None:
-        from pcsnet.selection import results_block
+        if cfg.select == "best-of-evals":
+            from pcsnet.selection import BestOfEvals
 
-        extra["best_of_evals"] = results_block(evals, classes)  # beside, never instead of, the last-epoch numbers
-    results = build_results(
-        "pcsnet", args.data_root, args.k_shot, args.seed, cfg.backbone, cfg.image_size,
-        {c: r.metrics for c, r in per_class.items()}, {c: r.support for c, r in per_class.items()},
-        n_images, total, extra=extra, timing=timing_breakdown(per_class),
+            # the intermediate passes score through a snapshot of the model, so the spec is given here
+            detector.on_eval = BestOfEvals(detector, EvalConfig(
+                dataset_root=args.data_root, k_shot=args.k_shot, seed=args.seed, image_size=cfg.image_size,
+                mean=backbone.mean, std=backbone.std, batch_size=cfg.test_batch_size,
+                num_workers=resolve_workers(cfg.num_workers, device), smooth_sigma=cfg.smooth_sigma, device=device,
+                resize_size=cfg.resolved_resize(), resample=cfg.resample,
+            ))  # fmt: skip
+        return detector
+
+    request = EvalRequest(
+        "pcsnet", args.data_root, args.k_shot, args.seed, args.save_dir,
+        class_names=None if args.class_name == "all" else [args.class_name], batch_size=cfg.test_batch_size,
+        num_workers=cfg.num_workers, device=args.device, progress=not args.quiet, vis_dir=args.vis_dir,
+        resume=args.resume, report_images=report_images_option(args.report_images, args.no_report),
     )  # fmt: skip
-    log = [f"{c}: train {train_s.get(c, 0.0):.1f} s, test {test_s[c] / max(per_class[c].n_images, 1):.3f} s/image"
-           for c in per_class]  # fmt: skip
-    if selector is not None:
-        best = extra["best_of_evals"]["mean"]
-        log.append("best-of-evals (TRANSDUCTIVE, picked on the test set, as the original reports): "
-                   + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if v is not None))  # fmt: skip
-    distributed.cleanup()
+    log: list[str] = []
+    options = {k: v for k, v in config_to_dict(cfg).items() if k != "save_checkpoints"}  # the --resume key
+    run_eval(request, build, backbone=cfg.backbone, options=options, merge_last_report=False,
+             extra=lambda _, reports, per_class: run_extra(cfg, reports, per_class, log), notes=lambda _: log,
+             eval_fields={"resize_size": cfg.resolved_resize(), "resample": cfg.resample})  # fmt: skip
     if distributed.is_main():
-        write_results(save_dir, results, log)
-        if report is not None:  # after results.json, which the page describes
-            report.write(save_dir, results, sections)
-        else:
-            remove_stale(save_dir)
-        print(Path(save_dir, "log.txt").read_text())
+        print(Path(args.save_dir, "log.txt").read_text())
     return 0
 
 

@@ -81,12 +81,13 @@ def run_eval(
     request: EvalRequest,
     build: Callable[[torch.device, dict], Any],
     backbone: str | Callable[[Any], str],
-    extra: dict | Callable[[Any, dict[str, dict]], dict] | None = None,
+    extra: dict | Callable[[Any, dict[str, dict], dict[str, ClassResult]], dict] | None = None,
     options: dict | None = None,
     win_mode: str | None = None,
     notes: Callable[[dict], list[str]] | None = None,
     observers: Sequence[ClassObserver] = (),
     merge_last_report: bool = True,
+    eval_fields: dict | None = None,
 ) -> dict:
     """Check, build, evaluate every class, write results.json / log.txt (rank 0). Returns the results dict.
 
@@ -94,14 +95,16 @@ def run_eval(
         request: the run-level options.
         build: `(device, meta) -> detector` following `common.contract`; called after every input check.
         backbone: the backbone name for results.json, or a function of the built detector giving it.
-        extra: results.json keys of the method, or `(detector, reports) -> keys` where `reports` maps every class
-            (all ranks, resumed ones included) to the detector's `report()` right after that class.
+        extra: results.json keys of the method, or `(detector, reports, per_class) -> keys` where `reports` maps
+            every class (all ranks, resumed ones included) to the detector's `report()` right after that class and
+            `per_class` to its `ClassResult` (metrics, seconds, images).
         merge_last_report: add the last class's report to the keys (kNN, FDSL: bank sizes of the last class).
         options: the method's resolved options: the `--resume` records are keyed on them (volatile ones left out).
         win_mode: results.json `win_mode` (FDSL's LFE mode; None for other methods).
         notes: `results -> lines` added under the table in log.txt.
         observers: called once per class with its `ClassRecords` (with `request.report_images` set, the report
             observer is added: SAVE_DIR/report.html is written after results.json).
+        eval_fields: further `EvalConfig` fields of the method (PCSNet's paper mode: `resize_size`, `resample`).
     """
     meta, names = check_request(request)
     device = distributed.init(parse_device(request.device))
@@ -122,7 +125,7 @@ def run_eval(
         dataset_root=request.dataset_root, k_shot=request.k_shot, seed=request.seed,
         class_names=[n for n in names if n not in done], batch_size=request.batch_size,
         num_workers=resolve_workers(request.num_workers, device), device=device, vis_dir=request.vis_dir,
-        support_draw=request.support_draw, class_done=class_done, observers=observers,
+        support_draw=request.support_draw, class_done=class_done, observers=observers, **(eval_fields or {}),
     )  # fmt: skip
     if done and distributed.is_main():
         print(f"--resume: {len(done)} class(es) already recorded in {records.folder}: {', '.join(done)}")
@@ -139,7 +142,7 @@ def run_eval(
         seconds += record["seconds"]
     per_class = {name: fresh[name] for name in names}
     name = backbone if isinstance(backbone, str) else backbone(detector)
-    extra = dict(extra(detector, reports) if callable(extra) else extra or {})
+    extra = dict(extra(detector, reports, per_class) if callable(extra) else extra or {})
     if merge_last_report:
         extra.update(reports[names[-1]])
     results = build_results(

@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-from common.utils import UserError
+from common import config
+from common.utils import PRECISIONS, UserError
 
 # docs/design/pcsnet.md section 2: classes whose descriptor first halves the channels (conv-BN-ReLU x2 + conv).
 ROTATION_CLASSES = ("grid", "screw", "bracket_black", "bracket_brown", "tubes")
@@ -32,59 +32,91 @@ BN_MODES = ("eval", "train")
 SELECTIONS = ("last", "best-of-evals")
 CHECKPOINT_DTYPES = ("fp32", "fp16")
 MIX_BATCHES = ("append", "replace_half")
+RESAMPLES = ("bicubic", "lanczos")
+R_MODES = ("linear", "log")
+PDC_MODES = ("softmax", "bce")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - argparse's name
+    """`common.config.option`, but a tuple default stays a tuple (the resolved config and checkpoints keep tuples)."""
+    if isinstance(default, tuple):
+        return field(default=default, metadata={"help": help, **extra})
+    return config.option(default, help, **extra)
 
 
 @dataclass
 class PCSNetConfig:
-    """Every knob of a PCSNet run (paper values in comments; see docs/design/pcsnet.md)."""
+    """Every knob of a PCSNet run (paper values in the help; see docs/design/pcsnet.md). The fields in
+    `main.FLAG_FIELDS` are command-line flags; every field is a YAML key and a `--set KEY=VALUE`."""
 
-    backbone: str = "efficientnet_lite0"  # paper: wide_resnet50_2
-    pretrained: str | None = None  # weights file for wide_resnet50_2 (torch cache otherwise)
-    layers: tuple[int, ...] = (1, 2, 3)  # paper: WRN layer1..layer3; lite0 levels 1..3 (strides 4/8/16)
-    image_size: int = 256  # paper: 224 (the crop)
-    resize_size: int | str | None = None  # paper "auto": resize to image_size * 256 / 224, centre-crop image_size;
-    # None squashes the full frame to image_size (the CPU default)
-    resample: str = "bicubic"  # image resize filter; paper "lanczos" (PIL ANTIALIAS, as the original)
-    grid_size: int | None = None  # paper: 64; None = image_size // grid_stride
-    grid_stride: int = 8  # used when grid_size is None: 256 px -> 32x32 (CPU cost, see the README)
-    nn_cas: int | None = None  # paper 200 at 64x64; None = 200 scaled by grid^2 / 64^2
-    nn_loss: int = 3  # paper: 3-NN distances in the losses
-    pdc_top: int | None = None  # paper 50 at 64x64; None = scaled like nn_cas
-    cas_width: int = 64  # paper: 896 (~120M parameters); 32/64/128/256 measured equal on the demo (docs/STATUS.md)
-    cas_in_channels: int | None = None  # paper: 896 (the first 896 descriptor channels); None = all
-    cas_dropout: float = 0.1
-    rotation_classes: tuple[str, ...] = ROTATION_CLASSES
-    reduce_order: str = "pool_first"  # paper "reduce_first": rotation reducer, then the 3x3 avg-pool
-    prototype_bn: str = "eval"  # BN mode of the descriptor while C is computed; paper "train" (as in training)
-    wrn_export: str = "relu"  # wide_resnet50_2 features: paper "leaky_relu" of the pre-activation sums
-    epochs: int = 50  # paper: 50
-    batch_size: int = 2  # paper: 2 clean support images per step (+ their pseudo-anomalous versions)
-    lr_adaptor: float = 1e-3  # paper: descriptor and r
-    lr_cas: float = 1e-3  # paper: 1e-4 (too few steps at k <= 8 for the CAS head; docs/STATUS.md)
-    weight_decay: float = 1e-5
-    r_init: float | str = "auto"  # paper: 1e-5; "auto" = sqrt of the mean clean support 3-NN distance at init
-    r_mode: str = "log"  # paper: "linear" (r itself is trained); "log" trains log r (scale-free steps)
-    alpha: float = 0.2  # paper: margin
-    nu: float = 1e-3  # paper: hinge losses divided by nu
-    loss_weights: tuple[float, float, float, float] = (1.0, 1.0, 50.0, 40.0)  # NFC, AFS, PDC, SEG
-    pdc_mode: str = "softmax"  # softmax (the original's batch CE, a ranking loss) | bce
-    mix_batch: str = "append"  # L_PDC/L_SEG batch: the B clean + their B pseudo-anomalous images (any k); paper
-    # "replace_half": the B clean images with B/2 of them swapped for their pseudo-anomalous version (needs B >= 2)
-    refresh_prototypes: int = 10  # paper 0 = once at init; N = recompute every N epochs (docs/STATUS.md)
-    nsa_default_bounds: tuple[float, float] | None = (0.02, 0.15)  # NSA half-width bounds (lo, hi) of classes not
-    # in the MVTec/MPDD tables, both axes; None = (0.03, 0.4) as the tables' large classes
-    nsa_default_patches: int | None = None  # NSA patch count of classes not in the tables (None = 2)
-    aug_pool: int = 8  # pseudo-anomalous variants precomputed per support image; 0 = fresh every step
-    fuse_pfa: float = 1.0  # paper 0 (CAS map only); weight of the support-normalised PFA distance map added to it
-    smooth_sigma: float = 4.0  # paper: gaussian sigma 4 on the map before the image score (max)
-    test_batch_size: int = 8
-    num_workers: int | None = None  # DataLoader workers decoding test images; None = 0 on CPU, CPUs - 1 (<= 4) on CUDA
-    precision: str = "fp32"  # backbone forward: fp32, or bf16 / fp16 autocast (fp16: CUDA only)
-    save_checkpoints: bool = True  # paper.yaml: False (the original saves nothing; --save-checkpoints opts in)
-    checkpoint_dtype: str = "fp32"  # paper.yaml: fp16 (a 120M-parameter CAS is ~480 MB per class in fp32)
-    select: str = "last"  # "best-of-evals": also test every eval_every epochs, report the best (transductive)
-    eval_every: int = PAPER_EVAL_EVERY
-    extra: dict = field(default_factory=dict)  # free-form notes carried into results.json
+    backbone: str = _opt("efficientnet_lite0", "backbone: efficientnet_lite0 (offline) | wide_resnet50_2 (paper)")
+    pretrained: str | None = _opt(None, "weights file for wide_resnet50_2 (else the local torch cache); 'random' = "
+                                  "the architecture with random weights (tests, timing; said loudly)")  # fmt: skip
+    layers: tuple[int, ...] = _opt((1, 2, 3), "backbone levels; paper: WRN layer1..layer3; lite0 levels 1..3 "
+                                   "(strides 4/8/16)")  # fmt: skip
+    image_size: int = _opt(256, "input side in pixels (paper: 224, the crop)")
+    resize_size: int | str | None = _opt(None, "'auto' (paper): resize to image_size * 256 / 224, centre-crop "
+                                         "image_size; null squashes the full frame to image_size")  # fmt: skip
+    resample: str = _opt("bicubic", "image resize filter; paper lanczos (PIL ANTIALIAS, as the original)",
+                         choices=RESAMPLES)  # fmt: skip
+    grid_size: int | None = _opt(None, "feature grid side (paper 64); None = image size / grid_stride")
+    grid_stride: int = _opt(8, "used when grid_size is None: 256 px -> 32x32 (CPU cost, see the README)")
+    nn_cas: int | None = _opt(None, "k of the kNN prior for CAS (paper 200 at 64x64); None = 200 scaled by grid^2 / "
+                              "64^2")  # fmt: skip
+    nn_loss: int = _opt(3, "k of the k-NN distances in the losses (paper 3)")
+    pdc_top: int | None = _opt(None, "pixels averaged by L_PDC (paper 50 at 64x64); None = scaled like nn_cas")
+    cas_width: int = _opt(64, "CAS channels (paper 896, ~120M parameters; 32/64/128/256 measured equal on the demo, "
+                          "docs/STATUS.md)")  # fmt: skip
+    cas_in_channels: int | None = _opt(None, "descriptor channels fed to CAS (paper 896, the first 896); None = all")
+    cas_dropout: float = _opt(0.1, "CAS dropout")
+    rotation_classes: tuple[str, ...] = _opt(ROTATION_CLASSES, "classes whose descriptor first halves the channels")
+    reduce_order: str = _opt("pool_first", "paper reduce_first: rotation reducer, then the 3x3 avg-pool",
+                             choices=REDUCE_ORDERS)  # fmt: skip
+    prototype_bn: str = _opt("eval", "BN mode of the descriptor while the prototypes are computed; paper train (as in "
+                             "training)", choices=BN_MODES)  # fmt: skip
+    wrn_export: str = _opt("relu", "wide_resnet50_2 features: paper leaky_relu of the pre-activation sums")
+    epochs: int = _opt(50, "training epochs per class (paper 50)")
+    batch_size: int = _opt(2, "clean support images per training step, plus their pseudo-anomalous versions (paper 2)")
+    lr_adaptor: float = _opt(1e-3, "learning rate of the descriptor and r (paper 1e-3)")
+    lr_cas: float = _opt(1e-3, "CAS learning rate (paper 1e-4: too few steps at k <= 8 for the CAS head; "
+                         "docs/STATUS.md)")  # fmt: skip
+    weight_decay: float = _opt(1e-5, "weight decay")
+    r_init: float | str = _opt("auto", "initial radius r (paper 1e-5); auto = sqrt of the mean clean support 3-NN "
+                               "distance at init")  # fmt: skip
+    r_mode: str = _opt("log", "paper linear (r itself is trained); log trains log r (scale-free steps)",
+                       choices=R_MODES)  # fmt: skip
+    alpha: float = _opt(0.2, "margin alpha (paper 0.2)")
+    nu: float = _opt(1e-3, "hinge losses divided by nu (paper 1e-3)")
+    loss_weights: tuple[float, float, float, float] = _opt((1.0, 1.0, 50.0, 40.0), "NFC, AFS, PDC, SEG loss weights")
+    pdc_mode: str = _opt("softmax", "L_PDC form: softmax (the original's batch CE, a ranking loss) | bce",
+                         choices=PDC_MODES)  # fmt: skip
+    mix_batch: str = _opt("append", "L_PDC/L_SEG batch: append = the B clean + their B pseudo-anomalous images "
+                          "(any k); paper replace_half = B/2 of the B clean images swapped for their "
+                          "pseudo-anomalous version (needs B >= 2)", choices=MIX_BATCHES)  # fmt: skip
+    refresh_prototypes: int = _opt(10, "recompute the prototypes every N epochs (paper 0 = at init only; "
+                                   "docs/STATUS.md)")  # fmt: skip
+    nsa_default_bounds: tuple[float, float] | None = _opt((0.02, 0.15), "NSA half-width bounds (lo, hi) of classes not "
+                                                          "in the MVTec/MPDD tables, both axes; None = (0.03, 0.4) as "
+                                                          "the tables' large classes")  # fmt: skip
+    nsa_default_patches: int | None = _opt(None, "NSA patch count of classes not in the tables (None = 2)")
+    aug_pool: int = _opt(8, "pseudo anomalies precomputed per support image (0 = fresh every step)")
+    fuse_pfa: float = _opt(1.0, "weight x the support-normalised PFA distance map added to the CAS map (paper 0)")
+    smooth_sigma: float = _opt(4.0, "gaussian sigma on the map before the image score, its max (paper 4)")
+    test_batch_size: int = _opt(8, "test batch size")
+    num_workers: int | None = _opt(None, "DataLoader workers decoding test images; None = 0 on CPU, CPUs - 1 (<= 4) "
+                                   "on CUDA")  # fmt: skip
+    precision: str = _opt("fp32", "backbone forward: fp32, or bf16 / fp16 autocast (fp16: CUDA only)",
+                          choices=PRECISIONS)  # fmt: skip
+    save_checkpoints: bool = _opt(True, "write checkpoints/<class>.pt (paper.yaml: false, as the original saves "
+                                  "nothing)")  # fmt: skip
+    checkpoint_dtype: str = _opt("fp32", "checkpoint weights dtype (paper.yaml: fp16; a 120M-parameter CAS is "
+                                 "~480 MB per class in fp32)", choices=CHECKPOINT_DTYPES)  # fmt: skip
+    select: str = _opt("last", "last: the last epoch's model; best-of-evals: ALSO test after epochs 0, eval_every, "
+                       "2 x eval_every, ... and report the best of each metric in results.json 'best_of_evals' "
+                       "(transductive: it picks on the test set, as the original); the top-level numbers stay the "
+                       "last epoch's", choices=SELECTIONS)  # fmt: skip
+    eval_every: int = _opt(PAPER_EVAL_EVERY, "epochs between the test passes of --select best-of-evals")
+    extra: dict = field(default_factory=dict, metadata={"help": "free-form notes carried into results.json"})
 
     def resolved_grid(self) -> int:
         """Side of the feature grid (docs/design/pcsnet.md section 1: 64 for the paper)."""
@@ -105,28 +137,21 @@ class PCSNetConfig:
         return number and (self.r_mode == "linear" or self.r_init > 0)
 
     def validate(self) -> PCSNetConfig:
-        """Raise UserError for values the model cannot run with."""
+        """Raise UserError for values the model cannot run with (a field's declared choices first)."""
         checks = [
             (self.image_size >= 16, f"image size must be at least 16, got {self.image_size}"),
             (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.test_batch_size >= 1, f"test_batch_size must be >= 1, got {self.test_batch_size}"),
             (self.cas_width >= 1, f"CAS width must be >= 1, got {self.cas_width}"),
             (self.refresh_prototypes >= 0, "refresh-prototypes must be >= 0"),
             (self.aug_pool >= 0, "aug-pool must be >= 0"),
-            (self.r_mode in ("linear", "log"), f"r_mode must be linear or log, got {self.r_mode!r}"),
             (
                 self.r_init == "auto" or self._r_number_ok(),
                 f"r_init must be 'auto' or a number (> 0 with r_mode log), got {self.r_init!r}",
             ),
-            (self.pdc_mode in ("softmax", "bce"), f"pdc_mode must be softmax or bce, got {self.pdc_mode!r}"),
             (len(self.loss_weights) == 4, "loss_weights needs 4 values (NFC, AFS, PDC, SEG)"),
             (self.nn_loss >= 1, "nn_loss must be >= 1"),
-            (self.reduce_order in REDUCE_ORDERS, f"reduce_order must be one of {', '.join(REDUCE_ORDERS)}"),
-            (self.prototype_bn in BN_MODES, f"prototype_bn must be one of {', '.join(BN_MODES)}"),
-            (self.checkpoint_dtype in CHECKPOINT_DTYPES, f"checkpoint_dtype must be {' or '.join(CHECKPOINT_DTYPES)}"),
-            (self.resample in ("bicubic", "lanczos"), f"resample must be bicubic or lanczos, got {self.resample!r}"),
-            (self.mix_batch in MIX_BATCHES, f"mix_batch must be one of {', '.join(MIX_BATCHES)}"),
-            (self.select in SELECTIONS, f"select must be one of {', '.join(SELECTIONS)}"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
             (
                 self.resize_size in (None, "auto") or _int_at_least(self.resize_size, self.image_size),
@@ -134,6 +159,10 @@ class PCSNetConfig:
                 f"got {self.resize_size!r}",
             ),
         ]
+        for f in dataclasses.fields(self):  # the declared choices (YAML keys and --set name them, not only flags)
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices is not None and value not in choices:
+                raise UserError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
@@ -151,23 +180,15 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     """Dataclass defaults, then the YAML file (if any), then `overrides` (None values are ignored).
 
     Raises:
-        UserError: unreadable YAML or unknown keys (named).
+        UserError: an unreadable YAML file, unknown keys (named), a value outside a field's choices, or values the
+            model cannot run with.
     """
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise UserError(f"cannot read config {path}: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise UserError(f"config {path} must be a mapping of option: value")
-        values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name for f in dataclasses.fields(PCSNetConfig)}
-    unknown = sorted(set(values) - known)
+    values = {} if path is None else config.read_yaml(Path(path), PCSNetConfig, explicit=True)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(PCSNetConfig)})
     if unknown:
-        raise UserError(f"unknown PCSNet option(s) {', '.join(unknown)}" + (f" in {path}" if path else ""))
+        raise UserError(f"unknown PCSNet option(s) {', '.join(unknown)}")
+    values.update(given)
     for key in _TUPLE_FIELDS & set(values):
         values[key] = None if values[key] is None else tuple(values[key])
     return PCSNetConfig(**values).validate()

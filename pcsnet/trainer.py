@@ -278,10 +278,15 @@ class PCSNetDetector:
         self.smooth_sigma, self.eval_size, self.score_fusion = float(cfg.smooth_sigma), None, None
 
     def report(self) -> dict:
-        """The class last set up: its training seconds and final losses (engine.runner collects one per class)."""
+        """The class last set up: its training seconds, final losses and, with an `on_eval` hook that keeps `evals`,
+        its test passes (engine.runner collects one per class, into the --resume records too)."""
         history = self.histories.get(self.class_name) or []
         last = history[-1] if history else None
-        return {"train_seconds": self.train_seconds.get(self.class_name), "final_loss": last}
+        out = {"train_seconds": self.train_seconds.get(self.class_name), "final_loss": last}
+        passes = getattr(self.on_eval, "evals", None)  # --select best-of-evals (pcsnet.selection.BestOfEvals)
+        if passes is not None:
+            out["evals"] = passes.get(self.class_name)  # this class's test passes, for results.json best_of_evals
+        return out
 
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
         """Train the class model on (k, 3, S, S) support images and save its checkpoint."""
