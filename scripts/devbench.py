@@ -34,9 +34,10 @@ from data.devbench import ALL_FOLD, GROUP, QUICK_SOURCES, SOURCES
 REPO = Path(__file__).resolve().parents[1]
 
 BACKBONE = "efficientnet_lite0"
-DEFAULT_VARIANTS = {
+DEFAULT_VARIANTS = {  # name -> METHOD:ARGS
     "knn": "knn:",
-    "fdsl": "fdsl:",
+    "fdsl": "fdsl:",  # the command's defaults (for CNN backbones: --fd-weight 1, the FD map alone)
+    "fdsl_asl": "fdsl:--fd-weight 0",  # the learned ASL (+ NAM) map, the paper's fusion
     "fdsl_fd": "fdsl:--fd-weight 1",  # FDSL's training-free part: the FD map alone
     "pcsnet": "pcsnet:",
     # PCSNet's training-free part, the PFA map alone: CAS (a probability in [0, 1]) next to 1000 x the PFA map
