@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import cv2
@@ -34,6 +33,7 @@ import numpy as np
 
 from common.pseudo_anomaly import DEFECT_KINDS, nsa_cutpaste, synthesize_defect
 from common.utils import UserError, check_writable_dir, cli_entry
+from data.demo import _rng, _write_png  # one generator per (seed, name) and byte-stable PNGs, as the demo
 from data.meta import scan_mvtec_layout, write_meta
 from data.test_defects import TEST_FAMILIES, draw_test_defect
 
@@ -49,18 +49,6 @@ SMALL_COUNTS = {"train": 8, "good": 4, "per_family": 1}
 AUX_COUNTS = {"train": 10, "good": 8, "per_kind": 3, "nsa": 4}  # aux: 10 references, 8 good, 6 x 3 + 4 anomalies
 TEXTILE_FIRST = {"nominal": 601, "local": 201, "global": 201}  # disjoint from data/demo.py's textile ranges
 TEXTILE_REAL_DEFECTS = 10  # per real defect kind
-
-
-def _rng(seed: int, name: str) -> np.random.Generator:
-    return np.random.default_rng([seed % 2**64, zlib.crc32(name.encode())])
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    ok, data = cv2.imencode(".png", array)
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.tobytes())
 
 
 # ----------------------------------------------------------------------------------------------- sources
