@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any PCSNet config option (YAML value), e.g. --set lr_cas=0.001; repeatable")  # fmt: skip
     p.add_argument("--vis-dir", metavar="DIR", help="write heat-map PNG panels of every test image here")
+    p.add_argument("--vis", nargs="?", type=int, const=1, default=0, choices=(0, 1),
+                   help="heat-map panels under SAVE_DIR/vis (as baseline.knn; a bare --vis = --vis 1)")
     p.add_argument("--no-checkpoints", action="store_true", help="do not write checkpoints/<class>.pt")
     p.add_argument("--save-checkpoints", action="store_true",
                    help="write checkpoints/<class>.pt where the config does not (paper.yaml: off, fp16 when on)")
@@ -211,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     request = EvalRequest(
         "pcsnet", args.data_root, args.k_shot, args.seed, args.save_dir,
         class_names=None if args.class_name == "all" else [args.class_name], batch_size=cfg.test_batch_size,
-        num_workers=cfg.num_workers, device=args.device, progress=not args.quiet, vis_dir=args.vis_dir,
+        num_workers=cfg.num_workers, device=args.device, progress=not args.quiet,
+        vis_dir=args.vis_dir or (f"{args.save_dir}/vis" if args.vis else None),
         resume=args.resume, report_images=report_images_option(args.report_images, args.no_report),
     )  # fmt: skip
     log: list[str] = []

@@ -120,3 +120,14 @@ def test_missing_dataset_and_wrn_weights(tmp_path, capsys):
     code, err = call_main(capsys, "--data-root", str(root), "--k-shot", "1", "--save-dir", str(tmp_path / "o"),
                           "--backbone", "wide_resnet50_2", "--pretrained", str(tmp_path / "missing.pth"))  # fmt: skip
     assert code == 2 and "missing.pth" in err
+
+
+def test_bare_vis_flag_writes_one_panel_per_test_image_like_knn(tree, tmp_path):
+    out = tmp_path / "out"
+    proc = run_main("--data-root", str(tree), "--k-shot", "1", "--seed", "0", "--save-dir", str(out), "--class-name",
+                    "a", "--image-size", "64", "--epochs", "1", "--cas-width", "8", "--aug-pool", "1", "--vis",
+                    "--no-report")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    panels = sorted((out / "vis").rglob("*.png"))
+    assert len(panels) == results["timing"]["n_images"] > 0  # SAVE_DIR/vis, as baseline.knn --vis
