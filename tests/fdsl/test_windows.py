@@ -193,3 +193,30 @@ def test_shared_detector_equals_matching_every_window_against_the_pooled_window_
         anomaly_map, _ = detector._window_branch(images)
     assert torch.allclose(anomaly_map, torch.stack(asl_maps).mean(0), atol=1e-5)
     assert detector.win_bank[0].shape == (2 * 20 * 20, 6)  # each zoomed reference token once
+
+
+def test_zoomed_window_resolution_keeps_the_zoomed_grid():
+    """--win-resolution zoomed: the window map is the per-token map on the zoomed grid (20 x 20 here), by hand."""
+    torch.manual_seed(1)
+    head = FDSLHead([6, 10]).eval()
+    geom = WindowGeometry(grid=10, win=4, stride=3, patch=4, zoom=2.0, encode="shared")
+    support = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(2))
+    images = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(3))
+    for fd_weight in (0.0, 1.0):
+        opts = DetectorOptions(win_mode="onlywin", win_resolution="zoomed", fd_weight=fd_weight)
+        detector = FDSLDetector(TinyCNN(), head, opts, geom)
+        detector.setup("c", support)
+        zoom = lambda x: F.interpolate(x, size=(80, 80), mode="bilinear", align_corners=False)  # noqa: E731
+        refs = extract_levels(detector.backbone(zoom(support)).features, 1, (20, 20))
+        queries = extract_levels(detector.backbone(zoom(images)).features, 1, (20, 20))
+        maps = []
+        for level, (q, r) in enumerate(zip(queries, refs)):
+            dev, max_cos = feature_discrepancy(q, flatten_tokens(r))
+            asl = detector.head.refine(detector.head.asl[level](dev)[:, 1])
+            maps.append((1 - fd_weight) * asl + fd_weight * (1 - max_cos))
+        score, anomaly_map = detector.predict(images)
+        assert anomaly_map.shape == (2, 20, 20)  # not resized back to the 10 x 10 main grid
+        assert torch.allclose(anomaly_map, torch.stack(maps).mean(0), atol=1e-5)
+        mul = FDSLDetector(TinyCNN(), head, DetectorOptions(win_mode="mul", win_resolution="zoomed"), geom)
+        mul.setup("c", support)
+        assert mul.predict(images)[1].shape == (2, 20, 20)  # the main map joins the windows at the zoomed grid
