@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # for tests.fixtures (the synthetic images), which is not an installed package
     sys.path.insert(0, str(ROOT))
 # The onnxruntime worker imports only numpy, PIL and onnxruntime (no torch), as a deployment would.
 
