@@ -205,21 +205,21 @@ def build_materials(root: Path, seed: int, size: int, small: bool) -> None:
     _build_views(root / "materials", textures, seed, size, small)
 
 
-def _prepare_root(root: Path) -> None:
-    """Refuse a folder with files not made by demo.py; clear an earlier build; leave the marker."""
+def prepare_build_root(root: Path, marker: str, folders: tuple[str, ...], maker: str) -> None:
+    """Refuse a folder with files not made by `maker`; clear the `folders` of an earlier build; leave the marker."""
     if root.exists() and not root.is_dir():
         raise UserError(f"--root {root} exists and is not a folder")
-    if root.is_dir() and any(root.iterdir()) and not (root / MARKER).is_file():
-        raise UserError(f"--root {root} is not empty and was not made by data/demo.py (no {MARKER}): use a new folder")
+    if root.is_dir() and any(root.iterdir()) and not (root / marker).is_file():
+        raise UserError(f"--root {root} is not empty and was not made by {maker} (no {marker}): use a new folder")
     check_writable_dir(root)
     try:
-        for name in DATASETS:
+        for name in folders:
             path = root / name
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-        (root / MARKER).write_text("made by data/demo.py; a rebuild replaces textile/, materials/ and surfaces/\n")
+        (root / marker).write_text(f"made by {maker}; a rebuild replaces {', '.join(f + '/' for f in folders)}\n")
     except OSError as exc:
         raise UserError(f"cannot prepare --root {root}: {exc.strerror or exc}; choose a writable folder") from exc
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--size {args.size} is out of range: use 64..1024")
     start = time.perf_counter()
     root = Path(args.root)
-    _prepare_root(root)
+    prepare_build_root(root, MARKER, DATASETS, "data/demo.py")
     try:
         build_textile(root, args.small)
         build_materials(root, args.seed, args.size, args.small)

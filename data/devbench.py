@@ -32,8 +32,12 @@ import cv2
 import numpy as np
 
 from common.pseudo_anomaly import DEFECT_KINDS, nsa_cutpaste, synthesize_defect
-from common.utils import UserError, check_writable_dir, cli_entry
-from data.demo import _rng, _write_png  # one generator per (seed, name) and byte-stable PNGs, as the demo
+from common.utils import UserError, cli_entry
+from data.demo import (  # one generator per (seed, name) and byte-stable PNGs, as the demo
+    _rng,
+    _write_png,
+    prepare_build_root,
+)
 from data.meta import scan_mvtec_layout, write_meta
 from data.test_defects import TEST_FAMILIES, draw_test_defect
 
@@ -236,20 +240,9 @@ def build_folds(root: Path, sources: tuple[str, ...]) -> list[str]:
     return groups
 
 
-def _prepare_root(root: Path) -> None:
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--root {root} exists and is not a folder")
-    if root.is_dir() and any(root.iterdir()) and not (root / MARKER).is_file():
-        raise UserError(f"--root {root} is not empty and was not made by data/devbench.py: use a new folder")
-    check_writable_dir(root)
-    for name in ("test", "aux", "folds"):
-        shutil.rmtree(root / name, ignore_errors=True)
-    (root / MARKER).write_text("made by data/devbench.py; a rebuild replaces test/, aux/ and folds/\n")
-
-
 def build(root: Path, seed: int = 0, small: bool = False, sources: tuple[str, ...] = SOURCES) -> dict:
     """Build everything; returns the test meta.json dict."""
-    _prepare_root(root)
+    prepare_build_root(root, MARKER, ("test", "aux", "folds"), "data/devbench.py")
     counts = SMALL_COUNTS if small else COUNTS
     for name in sources:
         build_test_class(root, name, seed, counts)

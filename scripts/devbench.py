@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -73,21 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(cmd: list[str], log: Path, threads: int) -> int:
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
         return subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
 
-def ensure_data(data: Path, sources: list[str], threads: int) -> None:
+def ensure_data(data: Path, threads: int) -> None:
+    """Build every source once (a subset of classes is selected per run, not per build)."""
     if (data / "test" / "meta.json").is_file():
         return
-    cmd = [sys.executable, "-m", "data.devbench", "--root", str(data)]
-    if sorted(sources) != sorted(SOURCES):
-        cmd += ["--sources", ",".join(sources)]
     print("building", data, flush=True)
-    if _run(cmd, data.parent / f"{data.name}.build.log", threads):
-        sys.exit(f"error: building {data} failed (see {data.parent / f'{data.name}.build.log'})")
+    log = data.parent / f"{data.name}.build.log"
+    if _run([sys.executable, "-m", "data.devbench", "--root", str(data)], log, threads):
+        sys.exit(f"error: building {data} failed (see {log})")
 
 
 def ensure_heads(args, data: Path, heads: Path, groups: list[str]) -> None:
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     out, data = Path(args.out), Path(args.data)
     heads = Path(args.heads) if args.heads else out / "heads"
     out.mkdir(parents=True, exist_ok=True)
-    ensure_data(data, list(SOURCES), args.threads)
+    ensure_data(data, args.threads)
     if any(specs[v].startswith("fdsl") for v in variants) and not args.aggregate_only:
         ensure_heads(args, data, heads, sorted({GROUP[s] for s in sources}))
     rows: dict = {}

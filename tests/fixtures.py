@@ -183,3 +183,18 @@ def load_script(path: str | os.PathLike, name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def make_predict_parts(base: Path) -> tuple[Path, Path]:
+    """3 good references (64 px) and a query folder: 2 good + 2 crack images, one of each resized to 96 x 80.
+
+    Returns (reference folder, query folder).
+    """
+    tree = make_mvtec_tree(base / "tree", classes=("part",), n_train=3, n_test_good=2, defects={"crack": 2}, size=64)
+    queries = base / "queries"
+    queries.mkdir()
+    for kind in ("good", "crack"):
+        for i, src in enumerate(sorted((tree / "part" / "test" / kind).iterdir())):
+            Image.open(src).resize((96, 80) if i % 2 else (64, 64)).save(queries / f"{kind}_{i}.png")
+    return tree / "part" / "train" / "good", queries
+

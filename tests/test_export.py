@@ -23,7 +23,7 @@ from common.memory_bank import nearest_neighbors
 from data.dataset import read_image
 from export import main as export_main
 from export.cli import export_predictor
-from tests.fixtures import make_mvtec_tree, one_thread  # noqa: F401  (autouse fixture)
+from tests.fixtures import make_mvtec_tree, make_predict_parts, one_thread  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny settings: 3 references of 64 px, efficientnet_lite0; FDSL uses the head shipped in fdsl/weights (the one
@@ -40,13 +40,8 @@ OPTIONS = {
 def parts(tmp_path_factory):
     """3 references; queries: 2 good + 2 defects, one of each resized to 96 x 80 (the graph input is squashed)."""
     base = tmp_path_factory.mktemp("export")
-    tree = make_mvtec_tree(base / "tree", classes=("part",), n_train=3, n_test_good=2, defects={"crack": 2}, size=64)
-    queries = base / "queries"
-    queries.mkdir()
-    for kind in ("good", "crack"):
-        for i, src in enumerate(sorted((tree / "part" / "test" / kind).iterdir())):
-            Image.open(src).resize((96, 80) if i % 2 else (64, 64)).save(queries / f"{kind}_{i}.png")
-    return tree / "part" / "train" / "good", sorted(queries.iterdir()), base
+    refs, queries = make_predict_parts(base)
+    return refs, sorted(queries.iterdir()), base
 
 
 def consumer_input(path: Path, spec: dict) -> np.ndarray:

@@ -18,7 +18,7 @@ from data.meta import scan_mvtec_layout, write_meta
 from fdsl import predict as fdsl_predict
 from fdsl import train as fdsl_train
 from pcsnet import predict as pcsnet_predict
-from tests.fixtures import make_mvtec_tree, one_thread  # noqa: F401  (autouse fixture)
+from tests.fixtures import make_mvtec_tree, make_predict_parts, one_thread  # noqa: F401  (autouse fixture)
 
 SIZES = {(64, 64), (96, 80)}  # (width, height) of the queries
 PCSNET_TINY = {"epochs": 1, "image_size": 64, "cas_width": 8, "aug_pool": 1}
@@ -28,14 +28,9 @@ PCSNET_TINY = {"epochs": 1, "image_size": 64, "cas_width": 8, "aug_pool": 1}
 def parts(tmp_path_factory):
     """3 references (64 px); queries: 2 good + 2 defects, half resized to 96x80, and one unreadable file."""
     base = tmp_path_factory.mktemp("predict_methods")
-    tree = make_mvtec_tree(base / "tree", classes=("part",), n_train=3, n_test_good=2, defects={"crack": 2}, size=64)
-    queries = base / "queries"
-    queries.mkdir()
-    for kind in ("good", "crack"):
-        for i, src in enumerate(sorted((tree / "part" / "test" / kind).iterdir())):
-            Image.open(src).resize((96, 80) if i % 2 else (64, 64)).save(queries / f"{kind}_{i}.png")
+    refs, queries = make_predict_parts(base)
     (queries / "empty.png").write_bytes(b"")
-    return tree / "part" / "train" / "good", queries, base
+    return refs, queries, base
 
 
 @pytest.fixture(scope="module")
