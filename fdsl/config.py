@@ -31,6 +31,7 @@ PROTOCOLS = ("ours", "paper")  # a label: configs/fdsl/paper_*.yaml set `paper` 
 # the learned ASL map and kNN on image AUROC (numbers in the README); the held-out real-defect benchmark agreed (FD
 # alone .872, ASL .839, kNN .864). ViT backbones and paper mode keep the paper's 0.
 CNN_FD_WEIGHT = 1.0
+CNN_MAP_NORM = "none"
 
 
 _opt = config.option  # a dataclass field carrying its CLI help, choices, aliases (common.config)
@@ -56,6 +57,13 @@ class TrainConfig:
     lr: float = _opt(ADAM_LR, "Adam learning rate (betas 0.5, 0.999)")
     use_nam: int = _opt(1, "Neighbor Aggregation Module (original useConvRes)", choices=(0, 1))
     signed: int = _opt(0, "signed deviation f - n instead of |f - n| (original useAbs=0)", choices=(0, 1))
+    input_norm: str = _opt(
+        "none",
+        "support = divide the head's input deviation by each class's per-channel normal RMS, measured leave-one-out "
+        "on its bank (training) or support (test), so the head sees deviations in units of the class's own normal "
+        "variation (ours); none = raw deviations (the paper)",
+        choices=("none", "support"),
+    )
     aug_rate: float = _opt(MOSAIC_RATE, "probability of the 2x2 same-class mosaic (paper: 0.3 on MVTec)")
     use_crop: int = _opt(0, "zoom-crop augmentation (paper: 1 on VisA), done in tensor space", choices=(0, 1))
     train_k_shot: int = _opt(TRAIN_K_SHOT, "normal training images per class in the training bank")
@@ -145,6 +153,13 @@ class TestConfig:
         None,
         "blend a in (1 - a) * ASL + a * mean_l(1 - max cos); 0 = the original code (ViT / paper mode); default: 0 for "
         f"ViT backbones, {CNN_FD_WEIGHT} for CNN backbones (chosen on the dev benchmark: scripts/devbench.py)",
+    )
+    map_norm: str | None = _opt(
+        None,
+        "support = standardise every level's FD map and ASL logits with the normal spread measured on the support "
+        "itself (leave-one-out), then blend (ours); none = the raw maps (the paper). Default: "
+        f"{CNN_MAP_NORM} for CNN backbones (chosen on the dev benchmark), none for ViT backbones",
+        choices=("none", "support"),
     )
     coreset: float = _opt(
         1.0,

@@ -16,6 +16,7 @@ from common.anomaly_map import upsample_map
 from common.backbones import Backbone
 from common.contract import DetectorOutput, ScoreFusion, require_setup
 from common.memory_bank import greedy_coreset
+from fdsl.calibration import LevelStats, leave_one_out, level_stats, logit, standardise
 from fdsl.model import ASL_HIDDEN, FDSLHead, extract_levels, feature_discrepancy, flatten_tokens
 from fdsl.windows import (
     WindowGeometry,
@@ -47,6 +48,12 @@ class DetectorOptions:
     map_align_corners: bool = False  # align_corners of that upsampling (the original: True)
     autocast: bool = False  # FD / ASL / NAM under fp16 autocast on CUDA (the original's test under amp.autocast)
     fd_weight: float = 0.0  # a: map = (1 - a) * ASL + a * mean_l(1 - max cos); 0 = the original code
+    # `support` (ours): every level's FD map and ASL logit map are standardised with the normal spread measured on the
+    # support leave-one-out (fdsl/calibration.py) before levels and maps are blended; `none` = raw maps (the paper)
+    map_norm: str = "none"
+    # `support`: the head's input deviation is divided by the support's per-channel normal RMS; must be the
+    # checkpoint's (`fdsl.train --input-norm`), as `feature_pool`
+    input_norm: str = "none"
     signed: bool = False  # deviation f - n instead of |f - n| (original useAbs=0)
     score_from_map: bool = False  # image score = max of the post-processed final map (None to the evaluator)
     feature_pool: int = 1  # local average pooling before FD; must be the checkpoint's (fdsl.model.extract_levels)
@@ -182,7 +189,51 @@ class FDSLDetector:
         self.bank: list[torch.Tensor] = []
         self.win_bank: list[torch.Tensor] = []
         self.win_keys: torch.Tensor | None = None
+        self.stats: list[LevelStats] = []  # support calibration of the main levels (fdsl/calibration.py)
+        self.win_stats: list[LevelStats] = []  # ... and of the zoomed window levels
         self.memory: dict[str, int] = {}
+        if self.calibrated and self.uses_windows and not self.shares_window_tokens:
+            raise ValueError("support calibration (--map-norm / --input-norm support) with LFE windows needs "
+                             "--win-encode shared and --use-img-idx 0")  # fmt: skip
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether setup measures the support's normal statistics (map standardisation or head input scaling)."""
+        return self.opts.map_norm == "support" or self.opts.input_norm == "support"
+
+    def _calibrate(self, support: list[torch.Tensor], window: bool = False) -> list[LevelStats]:
+        """Per-level normal statistics of support features (k, C, G, G) by leave-one-out (fdsl/calibration.py)."""
+        stats = []
+        for level, (dev, fd) in enumerate(leave_one_out(support, self.opts.signed, self.opts.chunk_size)):
+            st = level_stats(dev, fd)
+            if self.opts.map_norm == "support" and self.opts.fd_weight < 1:  # the ASL logits' normal spread too
+                asl = self._asl_level(level, self._scaled(dev, st), window)
+                st.asl_mean, st.asl_std = float(asl.mean()), float(asl.std(unbiased=False).clamp_min(1e-6))
+            stats.append(st)
+        return stats
+
+    def _scaled(self, deviation: torch.Tensor, st: LevelStats | None) -> torch.Tensor:
+        """The head's input: the deviation, divided by the support's channel RMS when the head was trained so."""
+        if self.opts.input_norm != "support" or st is None:
+            return deviation
+        return deviation / st.channel_scale.to(deviation.device)[None, :, None, None]
+
+    def _asl_level(self, level: int, deviation: torch.Tensor, window: bool) -> torch.Tensor:
+        """ASL (-> NAM) of one level as `map_norm: support` blends it: logit of P(anomalous), (B, G, G).
+
+        The main branch uses the NAM outputs when `use_nam`; windows the per-token ASL map, refined by NAM when
+        `win_use_nam` (the stitched map is not refined again under support calibration).
+        """
+        if window:
+            prob = self.head.asl[level](deviation)[:, 1]
+            if self.opts.win_use_nam and self.opts.use_nam:
+                prob = self.head.refine(prob)
+        else:
+            maps = self.head.asl[level](deviation)
+            if self.opts.use_nam and self.head.nam is not None:
+                maps = self.head.nam(maps)
+            prob = maps[:, 1]
+        return logit(prob)
 
     @property
     def uses_windows(self) -> bool:
@@ -211,7 +262,10 @@ class FDSLDetector:
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
         """Build this class's banks from the k support images (k, 3, S, S); the previous class's are dropped."""
         self.bank, self.win_bank, self.win_keys = [], [], None  # free the previous class first
-        self.bank = [self._reduce(flatten_tokens(f)) for f in self.encode(support_images)]  # M_l: (k*G*G, C)
+        support = self.encode(support_images)
+        self.bank = [self._reduce(flatten_tokens(f)) for f in support]  # M_l: (k*G*G, C)
+        self.stats = self._calibrate(support) if self.calibrated else []
+        self.win_stats = []
         if self.uses_windows:
             images = support_images if self.window_support_fn is None else self.window_support_fn(class_name)
             self._setup_windows(images.to(support_images.device))
@@ -224,6 +278,8 @@ class FDSLDetector:
             cover = shared_coverage(geom, images.device)
             maps = encode_shared(self.backbone, images, geom, batch, pool)
             self.win_bank = [self._reduce(flatten_tokens(m[:, :, cover][:, :, :, cover])) for m in maps]
+            if self.calibrated:  # the zoomed tokens' own normal statistics
+                self.win_stats = self._calibrate([m[:, :, cover][:, :, :, cover] for m in maps], window=True)
             return
         feats, keys = encode_windows(self.backbone, images, geom, batch, pool)
         if self.opts.use_img_idx:  # keep windows separate: (k*nW, T, C), searched one window at a time
@@ -258,12 +314,30 @@ class FDSLDetector:
     def _main_branch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """FD -> ASL (-> NAM) on the whole image: map (B, G, G), score (B,)."""
         deviations, fd_maps = [], []
-        for feat, bank in zip(self.encode(images), self.bank):
+        for level, (feat, bank) in enumerate(zip(self.encode(images), self.bank)):
             dev, max_cos = feature_discrepancy(feat, bank, self.opts.signed, self.opts.chunk_size)
-            deviations.append(dev)
+            deviations.append(self._scaled(dev, self.stats[level] if self.stats else None))
             fd_maps.append(1.0 - max_cos)
+        if self.opts.map_norm == "support":
+            return self._calibrated_maps(deviations, fd_maps, self.stats, window=False)
+        if self.opts.fd_weight == 1:  # the ASL term has weight 0: skip the head
+            return _combine(fd_maps, fd_maps, 1.0)
         asl = self.head.score_maps(deviations, self.opts.use_nam)
         return _combine(asl, fd_maps, self.opts.fd_weight)
+
+    def _calibrated_maps(
+        self, deviations: list[torch.Tensor], fd_maps: list[torch.Tensor], stats: list[LevelStats], window: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`map_norm: support`: per level z-scores of the FD map and the ASL logits (normal support = 0 mean, unit
+        spread), blended as (1 - a) * ASL + a * FD and averaged over levels: map (B, G, G), score (B,)."""
+        fd_z = [standardise(fd, st.fd_mean, st.fd_std) for fd, st in zip(fd_maps, stats)]
+        if self.opts.fd_weight == 1:
+            return _combine(fd_z, fd_z, 1.0)
+        asl_z = [
+            standardise(self._asl_level(level, dev, window), st.asl_mean, st.asl_std)
+            for level, (dev, st) in enumerate(zip(deviations, stats))
+        ]
+        return _combine(asl_z, fd_z, self.opts.fd_weight)
 
     def _images_per_window_step(self) -> int:
         """Images whose window tokens fit `window_batch_bytes` (1 for ViT-L: 169 windows of 169 tokens).
@@ -284,6 +358,15 @@ class FDSLDetector:
                 feature_discrepancy(m, bank, self.opts.signed, self.opts.chunk_size)
                 for m, bank in zip(maps, self.win_bank)
             ]
+            if self.calibrated:
+                results = [(self._scaled(dev, st), max_cos) for (dev, max_cos), st in zip(results, self.win_stats)]
+            if self.opts.map_norm == "support":  # z-scores per zoomed token, then cut and stitched (affine: exact)
+                fd = [1.0 - max_cos for _, max_cos in results]
+                z_map, z_score = self._calibrated_maps([d for d, _ in results], fd, self.win_stats, window=True)
+                if self.opts.win_resolution == "zoomed":
+                    return z_map, z_score
+                stitched = stitch_windows(self._to_win(cut_windows(z_map[:, None], geom)[:, 0]), geom)
+                return stitched, stitched.flatten(1).amax(1)
             probs = [self.head.asl[level](dev)[:, 1] for level, (dev, _) in enumerate(results)]
             if self.opts.win_resolution == "zoomed":
                 return self._zoomed_window_maps(probs, [1.0 - max_cos for _, max_cos in results])

@@ -23,7 +23,7 @@ from common.results import format_table
 from common.utils import UserError, cli_entry, resolve_workers
 from data.dataset import load_images
 from fdsl.checkpoint import build_head, load_checkpoint, resolve_pretrained
-from fdsl.config import CNN_FD_WEIGHT, TestConfig, build_parser, resolve_config, resolve_precision
+from fdsl.config import CNN_FD_WEIGHT, CNN_MAP_NORM, TestConfig, build_parser, resolve_config, resolve_precision
 from fdsl.detector import DetectorOptions, FDSLDetector
 from fdsl.windows import WindowGeometry, check_encode_mode
 
@@ -36,7 +36,7 @@ CNN_WIN_ZOOM = 2.0
 CNN_WIN_ENCODE = "shared"
 # Training options that change the numbers, copied from the checkpoint into results.json (`train_options`).
 TRAIN_SWITCHES = ("protocol", "recalibrate_bn", "precision_used", "tf32_used", "num_workers", "feature_pool",
-                  "signed", "aug_rate", "use_crop", "epochs", "train_k_shot", "seed")  # fmt: skip
+                  "input_norm", "signed", "aug_rate", "use_crop", "epochs", "train_k_shot", "seed")  # fmt: skip
 
 
 def check_test_config(cfg: TestConfig) -> None:
@@ -71,6 +71,7 @@ def resolve_test_config(cfg: TestConfig, state: dict) -> TestConfig:
         image_size=cfg.image_size or trained["image_size"],
         use_nam=int(state["use_nam"]) if cfg.use_nam is None else cfg.use_nam,
         fd_weight=cfg.fd_weight if cfg.fd_weight is not None else (CNN_FD_WEIGHT if backbone in CNN_NAMES else 0.0),
+        map_norm=cfg.map_norm or (CNN_MAP_NORM if backbone in CNN_NAMES else "none"),
     )
 
 
@@ -98,6 +99,11 @@ def build_detector(
     check_encode_mode(cfg.win_encode, backbone.kind)
     if cfg.win_resolution == "zoomed" and cfg.win_mode != "nan" and (cfg.win_encode != "shared" or cfg.use_img_idx):
         raise UserError("--win-resolution zoomed needs --win-encode shared and --use-img-idx 0")
+    calibrated = cfg.map_norm == "support" or trained.get("input_norm") == "support"
+    if calibrated and cfg.win_mode != "nan" and (cfg.win_encode != "shared" or cfg.use_img_idx):
+        raise UserError("support calibration (--map-norm support, or a head trained with --input-norm support) with "
+                        "LFE windows needs --win-encode shared and --use-img-idx 0; for other windows use "
+                        "--map-norm none with a head trained with --input-norm none")  # fmt: skip
     if cfg.win_mode != "nan":
         zoom = cfg.win_zoom if cfg.win_zoom is not None else (CNN_WIN_ZOOM if backbone.kind == "cnn" else 1.0)
         cfg = dataclasses.replace(cfg, win_zoom=zoom)
@@ -115,6 +121,8 @@ def build_detector(
         map_align_corners=bool(cfg.map_align_corners),
         autocast=precision == "fp16",
         fd_weight=cfg.fd_weight,
+        map_norm=cfg.map_norm,
+        input_norm=trained.get("input_norm") or "none",  # checkpoints from before the option: none
         signed=bool(trained.get("signed", 0)),
         feature_pool=int(trained.get("feature_pool") or 1),
         score_from_map=cfg.image_score == "map",  # checkpoints from before the option: no pooling
@@ -142,6 +150,8 @@ def results_extra(cfg: TestConfig, state: dict, runtime: dict) -> dict:
         "image_score": cfg.image_score
         + (" (transductive per-class min-max fusion)" if cfg.image_score == "paper" else " (per image)"),
         "fd_weight": cfg.fd_weight,
+        "map_norm": cfg.map_norm,
+        "input_norm": state["config"].get("input_norm") or "none",
         "coreset": cfg.coreset,
         "smooth_sigma": cfg.smooth_sigma,
         "use_nam": bool(cfg.use_nam),

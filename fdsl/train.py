@@ -40,6 +40,7 @@ from common.utils import (
 from data.dataset import AnomalyDataset, load_images
 from data.meta import load_meta
 from fdsl.augment import crop_size, mosaic, zoom_crop
+from fdsl.calibration import leave_one_out, level_stats
 from fdsl.checkpoint import (
     check_resume_config,
     latest_checkpoint,
@@ -77,9 +78,13 @@ def select_training_items(dataset: AnomalyDataset) -> tuple[list[int], int]:
 
 
 @torch.inference_mode()
-def build_training_banks(cfg: TrainConfig, meta: dict, classes: list[str], backbone, size: int, device) -> dict:
-    """Per class, the normalised patch tokens of `train_k_shot` normal train images: {class: [(M, C_l)]}."""
-    banks = {}
+def build_training_banks(
+    cfg: TrainConfig, meta: dict, classes: list[str], backbone, size: int, device
+) -> tuple[dict, dict | None]:
+    """Per class, the normalised patch tokens of `train_k_shot` normal train images: {class: [(M, C_l)]}, and with
+    `--input-norm support` each level's channel RMS of the bank's leave-one-out deviation {class: [(C_l,)]}
+    (fdsl/calibration.py, as the test measures it on the support), else None."""
+    banks, scales = {}, ({} if cfg.input_norm == "support" else None)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     for name in classes:
         pool = [it for it in meta["train"].get(name, []) if int(it["anomaly"]) == 0]
@@ -92,28 +97,41 @@ def build_training_banks(cfg: TrainConfig, meta: dict, classes: list[str], backb
         images = load_images(cfg.dataset_root, paths, size, backbone.mean, backbone.std).to(device)
         feats = extract_levels(backbone(images).features, cfg.feature_pool)
         banks[name] = [flatten_tokens(f).to(dtype) for f in feats]
-    return banks
+        if scales is not None:
+            loo = leave_one_out(feats, bool(cfg.signed))
+            scales[name] = [level_stats(dev, fd).channel_scale.to(device) for dev, fd in loo]
+    return banks, scales
 
 
 @torch.inference_mode()
 def compute_deviations(
-    backbone, images: torch.Tensor, classes: list[str], banks: dict, signed: bool, pool: int = 1
+    backbone, images: torch.Tensor, classes: list[str], banks: dict, signed: bool, pool: int = 1,
+    scales: dict | None = None,
 ) -> list:
-    """Frozen backbone + FD for a batch of mixed classes. images (B, 3, S, S) -> per level (B, C_l, G, G)."""
+    """Frozen backbone + FD for a batch of mixed classes. images (B, 3, S, S) -> per level (B, C_l, G, G).
+
+    With `scales` ({class: [(C_l,)]}, `--input-norm support`) each deviation is divided by its class's channel RMS.
+    """
     feats = extract_levels(backbone(images).features, pool)
     out = [torch.empty_like(f) for f in feats]
     for name in set(classes):
         rows = torch.tensor([i for i, c in enumerate(classes) if c == name], device=images.device)
         for level, f in enumerate(feats):
-            out[level][rows] = feature_discrepancy(f[rows], banks[name][level], signed)[0]
+            dev = feature_discrepancy(f[rows], banks[name][level], signed)[0]
+            if scales is not None:
+                dev = dev / scales[name][level][None, :, None, None]
+            out[level][rows] = dev
     return out
 
 
 class BatchBuilder:
     """Applies the augmentations and fetches cached FD features; computes the rest with the frozen backbone."""
 
-    def __init__(self, cfg: TrainConfig, dataset: AnomalyDataset, kept: list[int], backbone, banks, device) -> None:
+    def __init__(
+        self, cfg: TrainConfig, dataset: AnomalyDataset, kept: list[int], backbone, banks, device, scales=None
+    ) -> None:
         self.cfg, self.dataset, self.backbone, self.banks, self.device = cfg, dataset, backbone, banks, device
+        self.scales = scales  # {class: [(C_l,)]} with --input-norm support (compute_deviations)
         self.by_class = defaultdict(list)
         for i in kept:
             self.by_class[dataset.items[i]["cls_name"]].append(i)
@@ -162,6 +180,7 @@ class BatchBuilder:
                 self.banks,
                 bool(self.cfg.signed),
                 self.cfg.feature_pool,
+                self.scales,
             )
             for j, pos in enumerate(todo):
                 slots[pos] = ([d[j] for d in devs], loaded[pos][1])
@@ -378,10 +397,10 @@ def run(cfg: TrainConfig) -> dict:
         log(f"note: {skipped} anomalous test images without masks are left out (no pixel supervision)")
     if len(kept) < 2:
         raise UserError(f"{cfg.dataset_root} has fewer than 2 test images with masks to train on")
-    banks = build_training_banks(cfg, meta, dataset.class_names, backbone, cfg.image_size, device)
+    banks, scales = build_training_banks(cfg, meta, dataset.class_names, backbone, cfg.image_size, device)
     head = FDSLHead([info.channels for info in backbone.feature_info], use_nam=bool(cfg.use_nam)).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
-    builder = BatchBuilder(cfg, dataset, kept, backbone, banks, device)
+    builder = BatchBuilder(cfg, dataset, kept, backbone, banks, device, scales)
     order_rng = builder.rng  # one process: one generator for order and augmentation, as before DDP existed
     if distributed.is_distributed():  # the same order on every rank, rank-specific augmentation draws
         order_rng = np.random.default_rng(cfg.seed)

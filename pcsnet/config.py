@@ -100,6 +100,9 @@ class PCSNetConfig:
                                                           "the tables' large classes")  # fmt: skip
     nsa_default_patches: int | None = _opt(None, "NSA patch count of classes not in the tables (None = 2)")
     aug_pool: int = _opt(8, "pseudo anomalies precomputed per support image (0 = fresh every step)")
+    pfa_bank: str = _opt("prototypes", "what the fused PFA map measures against: prototypes (per-position means of "
+                         "the adapted support, as the paper's PFA) | support (every adapted support patch; ours)",
+                         choices=("prototypes", "support"))  # fmt: skip
     fuse_pfa: float = _opt(1.0, "weight x the support-normalised PFA distance map added to the CAS map (paper 0)")
     smooth_sigma: float = _opt(4.0, "gaussian sigma on the map before the image score, its max (paper 4)")
     test_batch_size: int = _opt(8, "test batch size")

@@ -154,6 +154,11 @@ class PCSNet(nn.Module):
         self.r_param = nn.Parameter(torch.tensor(math.log(r0) if self.r_log else r0))
         self.register_buffer("prototypes", torch.zeros(positions, dim))  # C: frozen, in the state_dict
         self.register_buffer("pfa_scale", torch.ones(()))  # support-based scale of the PFA map (fusion only)
+        # `pfa_bank: support` (ours): the fused PFA map measures each test patch against every adapted support patch
+        # instead of the per-position prototypes (their mean over the k images blurs unaligned parts and textures
+        # more as k grows); filled by set_support_bank after training, saved with the model
+        self.pfa_bank = cfg.pfa_bank
+        self.register_buffer("support_bank", torch.zeros(0, dim))
 
     @property
     def r(self) -> torch.Tensor:
@@ -210,6 +215,23 @@ class PCSNet(nn.Module):
         if out_size is not None and out_size != self.grid:
             logits = _up(logits, out_size)  # original: bilinear, align_corners=True, to the input size
         return {"features": feats, "knn": knn, "logits": logits}
+
+    @torch.no_grad()
+    def set_support_bank(self, support_levels: list[torch.Tensor], chunk: int = 8) -> None:
+        """Keep every adapted support patch (k*G*G, D) for `pfa_bank: support` (eval-mode descriptor)."""
+        was_training = self.training
+        self.eval()
+        k = len(support_levels[0])
+        feats = torch.cat([self.descriptor([lv[i : i + chunk] for lv in support_levels]) for i in range(0, k, chunk)])
+        self.support_bank = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).contiguous()
+        self.train(was_training)
+
+    def pfa_knn(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The distances the fused PFA map uses: to the prototypes (`out["knn"]`, the paper) or, with
+        `pfa_bank: support` and a filled bank, the nn_loss nearest adapted support patches. (B, G*G, K)."""
+        if self.pfa_bank == "support" and self.support_bank.numel():
+            return knn_distances(out["features"], self.support_bank, self.nn_loss)
+        return out["knn"]
 
     def pfa_map(self, knn: torch.Tensor) -> torch.Tensor:
         """(B, G*G, K) distances -> (B, G, G) mean of the nn_loss nearest, divided by the support scale."""

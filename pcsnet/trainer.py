@@ -236,10 +236,31 @@ def train_class(
 
 @torch.no_grad()
 def _set_pfa_scale(model: PCSNet, clean_levels: Levels) -> None:
-    """Scale of the PFA map on the clean support (used only by --fuse-pfa); model in eval mode."""
+    """Scale of the PFA map on the clean support (used only by --fuse-pfa); model in eval mode.
+
+    Prototypes (the default before `pfa_bank`): the maximum of the map of the clean support. `pfa_bank: support`:
+    the bank is filled from the support first; since a support patch is its own nearest neighbour there, the scale
+    is the maximum of each support image's map against the other k - 1 images (leave-one-out; with k = 1 the image
+    against itself, which equals the prototype map).
+    """
     model.pfa_scale.fill_(1.0)  # pfa_map divides by the current scale: measure the raw map
-    out = model(clean_levels)
-    model.pfa_scale.fill_(float(model.pfa_map(out["knn"]).amax().clamp_min(1e-6)))
+    if model.pfa_bank != "support":
+        out = model(clean_levels)
+        model.pfa_scale.fill_(float(model.pfa_map(out["knn"]).amax().clamp_min(1e-6)))
+        return
+    model.set_support_bank(clean_levels)
+    k = len(clean_levels[0])
+    feats = model.descriptor(clean_levels)
+    if k == 1:
+        peak = model.pfa_map(knn_distances(feats, model.support_bank, model.nn_loss)).amax()
+    else:
+        per_image = model.support_bank.shape[0] // k
+        peaks = []
+        for i in range(k):
+            rest = torch.cat([model.support_bank[: i * per_image], model.support_bank[(i + 1) * per_image :]])
+            peaks.append(model.pfa_map(knn_distances(feats[i : i + 1], rest, model.nn_loss)).amax())
+        peak = torch.stack(peaks).amax()
+    model.pfa_scale.fill_(float(peak.clamp_min(1e-6)))
 
 
 class PCSNetDetector:
@@ -315,7 +336,8 @@ class PCSNetDetector:
         out = self.model(extract_levels(self.backbone, images, chunk=len(images)), out_size=size)
         anomaly_map = out["logits"][:, 0]
         if self.cfg.fuse_pfa:
-            anomaly_map = anomaly_map + self.cfg.fuse_pfa * upsample_map(self.model.pfa_map(out["knn"]), size)
+            pfa = self.model.pfa_map(self.model.pfa_knn(out))
+            anomaly_map = anomaly_map + self.cfg.fuse_pfa * upsample_map(pfa, size)
         return DetectorOutput(None, anomaly_map)
 
 
@@ -368,6 +390,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise UserError(f"{path} has checkpoint format {tag!r}; this version reads {CHECKPOINT_FORMAT!r}")
     cfg = load_config(overrides=state["config"])
     model = PCSNet(state["backbone_channels"], cfg, rotation=state["rotation"]).to(device)
+    bank = state["state_dict"].get("support_bank")
+    if bank is not None:  # its size is k * G * G: make room before loading
+        model.support_bank = torch.empty(bank.shape, dtype=model.support_bank.dtype, device=device)
     try:
         model.load_state_dict(state["state_dict"])  # copy_ casts fp16 -> fp32
     except RuntimeError as exc:

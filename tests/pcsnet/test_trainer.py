@@ -99,3 +99,41 @@ def test_auto_radius_starts_on_the_support_distance_scale():
     assert float(model.r.detach()) ** 2 == pytest.approx(float(knn.mean()), rel=1e-5)
     paper, _ = train_class(backbone, cfg(epochs=0, r_mode="linear", r_init=1e-5), "c", sup, seed=0, progress=False)
     assert float(paper.r.detach()) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_support_bank_pfa_map_is_the_3nn_to_every_adapted_support_patch_by_hand(k, tmp_path):
+    """`pfa_bank: support`: the fused PFA map = mean of the 3 smallest euclidean distances to all k*G*G adapted
+    support patches, divided by the largest such map of a support image against the other k - 1 (k = 1: itself)."""
+    from pcsnet.trainer import extract_levels
+
+    backbone, sup, images = ToyBackbone(), support(k), support(4)[:2]
+    detector = PCSNetDetector(backbone, cfg(pfa_bank="support", fuse_pfa=1000.0), seed=1, save_dir=tmp_path,
+                              support_paths=lambda c: ["x.png"] * k, progress=False)  # fmt: skip
+    detector.setup("c", sup)
+    model = detector.model
+    with torch.no_grad():
+        feats = model.descriptor(extract_levels(backbone, sup))  # (k, D, G, G)
+        query = model.descriptor(extract_levels(backbone, images))
+        grid = feats.shape[-1]
+
+        def mean3(q, bank):  # q (B, D, G, G), bank (M, D) -> (B, G, G), brute force
+            d = torch.cdist(q.permute(0, 2, 3, 1).reshape(-1, q.shape[1]), bank)
+            return d.sort(dim=1).values[:, :3].mean(1).reshape(q.shape[0], grid, grid)
+
+        tokens = [feats[i].reshape(feats.shape[1], -1).T for i in range(k)]
+        if k == 1:
+            scale = mean3(feats, tokens[0]).max()
+        else:
+            scale = max(mean3(feats[i : i + 1], torch.cat(tokens[:i] + tokens[i + 1 :])).max() for i in range(k))
+        expected = mean3(query, torch.cat(tokens)) / scale
+        out = model(extract_levels(backbone, images))
+        assert torch.allclose(model.pfa_map(model.pfa_knn(out)), expected, atol=1e-4)
+        protos = model.pfa_map(out["knn"]) * model.pfa_scale / scale  # the default's prototype map differs
+        assert not torch.allclose(protos, expected, atol=1e-2)
+    amap = detector.predict(images)[1]
+    model2, _, _ = load_checkpoint(tmp_path / "checkpoints" / "c.pt")  # the bank is saved with the model
+    assert torch.equal(model2.support_bank, model.support_bank)
+    assert model2.support_bank.shape == (k * grid**2, feats.shape[1])
+    detector.model = model2
+    assert torch.allclose(detector.predict(images)[1], amap)

@@ -1,0 +1,156 @@
+"""Support calibration (fdsl/calibration.py) and the detector's `map_norm` / `input_norm`, checked by hand."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.backbones import Backbone, BackboneOutput, FeatureInfo
+from fdsl.calibration import leave_one_out, level_stats, logit
+from fdsl.detector import DetectorOptions, FDSLDetector
+from fdsl.model import FDSLHead, extract_levels
+from fdsl.train import compute_deviations
+
+
+class TwoLevels(Backbone):
+    """Two levels: the mean colour of 4 px patches and of 8 px patches (fixed, no weights)."""
+
+    def __init__(self):
+        super().__init__("two-levels", [FeatureInfo(3, 4, "a"), FeatureInfo(3, 8, "b")], (0.5,) * 3, (0.5,) * 3, 32, 3)
+
+    def forward(self, x):
+        a = F.avg_pool2d(x, 4) + 0.1  # an offset so no patch feature is the zero vector
+        b = F.avg_pool2d(x, 8) ** 2 + 0.1
+        return BackboneOutput([a, b], a.mean(dim=(2, 3)))
+
+
+def _unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def _nearest_by_loop(token, candidates):
+    """Index of the candidate (N, C) with the largest cosine to token (C,), one at a time."""
+    best, arg = -2.0, -1
+    for j in range(candidates.shape[0]):
+        cos = float(token @ candidates[j])
+        if cos > best:
+            best, arg = cos, j
+    return arg, best
+
+
+def test_leave_one_out_matches_every_support_image_against_the_others_only():
+    feats = _unit(3, 4, 3, 3)  # k = 3 images, 4 channels, 3 x 3 grid
+    (dev, fd), = leave_one_out([feats])
+    for i in range(3):
+        others = torch.cat([feats[j] for j in range(3) if j != i], dim=1).reshape(4, -1).T  # (18, 4)
+        for y in range(3):
+            for x in range(3):
+                token = feats[i, :, y, x]
+                j, cos = _nearest_by_loop(token, others)
+                assert torch.allclose(dev[i, :, y, x], (token - others[j]).abs(), atol=1e-6)
+                assert fd[i, y, x] == pytest.approx(1 - cos, abs=1e-6)
+
+
+def test_one_support_image_is_matched_against_its_own_far_patches():
+    """k = 1: the nearest normal is the most similar patch more than 2 cells away, never itself or a neighbour."""
+    feats = _unit(1, 3, 6, 6, seed=1)
+    feats[0, :, 0, 1] = feats[0, :, 0, 0]  # an identical neighbour: must be excluded
+    target = feats[0, :, 0, 0] + 0.05 * torch.tensor([1.0, -1.0, 0.5])
+    feats[0, :, 4, 4] = F.normalize(target, dim=0)  # the most similar far patch
+    (dev, fd), = leave_one_out([feats])
+    tokens = feats[0].reshape(3, -1).T
+    far = [j for j in range(36) if max(abs(j // 6 - 0), abs(j % 6 - 0)) > 2]
+    j, cos = _nearest_by_loop(tokens[0], tokens[far])
+    assert far[j] == 4 * 6 + 4
+    assert fd[0, 0, 0] == pytest.approx(1 - cos, abs=1e-6)
+    assert torch.allclose(dev[0, :, 0, 0], (tokens[0] - tokens[far[j]]).abs(), atol=1e-6)
+
+
+def test_level_stats_by_hand():
+    dev = torch.zeros(2, 2, 1, 2)
+    dev[:, 0] = torch.tensor([[[1.0, 3.0]], [[3.0, 1.0]]])  # channel 0: RMS sqrt((1 + 9 + 9 + 1) / 4) = sqrt(5)
+    dev[:, 1] = 2.0  # channel 1: RMS 2
+    fd = torch.tensor([[[0.1, 0.3]], [[0.2, 0.4]]])
+    st = level_stats(dev, fd)
+    assert torch.allclose(st.channel_scale, torch.tensor([5**0.5, 2.0]))
+    assert st.fd_mean == pytest.approx(0.25) and st.fd_std == pytest.approx(0.0125**0.5)
+
+
+def _images(n, seed):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _detector(**opts):
+    torch.manual_seed(3)
+    head = FDSLHead([3, 3]).eval()
+    det = FDSLDetector(TwoLevels(), head, DetectorOptions(**opts))
+    det.setup("c", _images(3, 1))
+    return det
+
+
+def _by_hand(det, support, queries, fd_weight, input_norm=False):
+    """The calibrated main map without the detector: LOO stats, query FD / ASL logits, z-scores, blend, level mean."""
+    sup = extract_levels(det.backbone(support).features)
+    qry = extract_levels(det.backbone(queries).features)
+    maps = []
+    for level, (s, q) in enumerate(zip(sup, qry)):
+        bank = s.permute(0, 2, 3, 1).reshape(-1, 3)
+        dev_q = torch.stack([torch.stack([torch.stack([
+            (q[b, :, y, x] - bank[_nearest_by_loop(q[b, :, y, x], bank)[0]]).abs()
+            for x in range(q.shape[3])], -1) for y in range(q.shape[2])], -2) for b in range(q.shape[0])])  # fmt: skip
+        cos_q = torch.stack([torch.stack([torch.stack([
+            torch.tensor(_nearest_by_loop(q[b, :, y, x], bank)[1])
+            for x in range(q.shape[3])]) for y in range(q.shape[2])]) for b in range(q.shape[0])])  # fmt: skip
+        fd_q = 1 - cos_q
+        (dev_s, fd_s), = leave_one_out([s])
+        st = level_stats(dev_s, fd_s)
+        if input_norm:
+            dev_q = dev_q / st.channel_scale[None, :, None, None]
+            dev_s = dev_s / st.channel_scale[None, :, None, None]
+        fd_z = (fd_q - fd_s.mean()) / fd_s.std(unbiased=False)
+        if fd_weight == 1:
+            maps.append(fd_z)
+            continue
+        head = det.head
+        asl_s = logit(head.nam(head.asl[level](dev_s))[:, 1])
+        asl_q = logit(head.nam(head.asl[level](dev_q))[:, 1])
+        asl_z = (asl_q - asl_s.mean()) / asl_s.std(unbiased=False)
+        maps.append((1 - fd_weight) * asl_z + fd_weight * fd_z)
+    return torch.stack(maps).mean(0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fd_weight,input_norm", [(1.0, "none"), (0.5, "none"), (0.5, "support")])
+def test_support_map_norm_is_the_blend_of_z_scores_by_hand(fd_weight, input_norm):
+    det = _detector(map_norm="support", fd_weight=fd_weight, input_norm=input_norm)
+    queries = _images(2, 5)
+    expected = _by_hand(det, _images(3, 1), queries, fd_weight, input_norm == "support")
+    score, amap = det.predict(queries)
+    assert amap.shape == (2, 8, 8)
+    assert torch.allclose(amap, expected, rtol=1e-3, atol=1e-3)  # z-scores amplify float32 cosines
+    raw = _detector(map_norm="none", fd_weight=fd_weight, input_norm=input_norm).predict(queries)[1]
+    assert (raw - amap).abs().max() > 0.1  # the calibration changes the map: the check can fail
+
+
+@torch.no_grad()
+def test_one_support_image_calibrates_from_its_own_far_patches():
+    """k = 1: setup still measures a spread (the self-match), and the map is the z-score of the FD map."""
+    torch.manual_seed(3)
+    det = FDSLDetector(TwoLevels(), FDSLHead([3, 3]).eval(), DetectorOptions(map_norm="support", fd_weight=1.0))
+    support = _images(1, 1)
+    det.setup("c", support)
+    assert all(st.fd_std > 0 for st in det.stats)
+    expected = _by_hand(det, support, _images(2, 5), 1.0)
+    assert torch.allclose(det.predict(_images(2, 5))[1], expected, rtol=1e-3, atol=1e-3)
+
+
+@torch.no_grad()
+def test_input_norm_divides_the_training_deviation_by_the_class_scale():
+    backbone = TwoLevels()
+    images = _images(2, 7)
+    bank_feats = extract_levels(backbone(_images(3, 1)).features)
+    banks = {"c": [f.permute(0, 2, 3, 1).reshape(-1, 3) for f in bank_feats]}
+    scales = {"c": [torch.tensor([2.0, 4.0, 0.5]), torch.tensor([1.0, 10.0, 3.0])]}
+    plain = compute_deviations(backbone, images, ["c", "c"], banks, signed=False)
+    scaled = compute_deviations(backbone, images, ["c", "c"], banks, signed=False, scales=scales)
+    for level in range(2):
+        assert torch.allclose(scaled[level], plain[level] / scales["c"][level][None, :, None, None])
