@@ -6,7 +6,8 @@ Writes OUT/<source>_k<k>_s<seed>_pcs2.npz: `cas` (N, 64, 64) CAS logits (area-do
 `pfa` (N, G, G) the raw PFA map (not divided by the support scale), `sup_cas` / `sup_pfa` the same on the clean
 support, `pfa_scale`; `bank` the PFA map against every adapted support patch instead of the per-position prototypes,
 `raw` the 1-NN map of the unadapted descriptor input (a kNN on PCSNet's levels), and `loo_bank` / `loo_raw` the
-same two for each support image against the other k - 1. Research tool for fusion rules; scripts/devbench.py confirms with the real command.
+same two for each support image against the other k - 1. Research tool for fusion rules; scripts/devbench.py
+confirms with the real command.
 """
 
 from __future__ import annotations
