@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fdsl.model import feature_discrepancy, flatten_tokens
+from fdsl.model import feature_discrepancy, flatten_tokens, joint_discrepancy
 
 # k = 1: a support patch is matched against the patches of its own image at least this many cells away (Chebyshev),
 # so its "nearest normal" is not itself or its overlapping neighbours.
@@ -43,12 +43,7 @@ def _self_discrepancy(feature: torch.Tensor, signed: bool, radius: int) -> tuple
     """FD of one image (1, C, h, w) against its own patches farther than `radius` cells: dev (1, C, h, w), max cos."""
     _, c, h, w = feature.shape
     tokens = flatten_tokens(feature.float())
-    sim = tokens @ tokens.T
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ys, xs = ys.flatten().to(feature.device), xs.flatten().to(feature.device)
-    near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
-    sim = sim.masked_fill(near, -2.0)
-    best, idx = sim.max(dim=1)
+    best, idx = _self_nearest(feature, radius)
     deviation = tokens - tokens[idx]
     if not signed:
         deviation = deviation.abs()
@@ -56,7 +51,8 @@ def _self_discrepancy(feature: torch.Tensor, signed: bool, radius: int) -> tuple
 
 
 def leave_one_out(
-    support: list[torch.Tensor], signed: bool = False, chunk_size: int = 4096, radius: int = SELF_EXCLUDE_RADIUS
+    support: list[torch.Tensor], signed: bool = False, chunk_size: int = 4096, radius: int = SELF_EXCLUDE_RADIUS,
+    match: str = "level",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """FD of every support image against the other support images, per level.
 
@@ -64,10 +60,13 @@ def leave_one_out(
         support: per level (k, C, h, w) L2-normalised support features.
         signed: deviation f - n instead of |f - n| (the checkpoint's `signed`).
         radius: with k = 1, the neighbourhood excluded from the self-match.
+        match: `level` or `joint` nearest patch, as the detector's FD (fdsl.model.discrepancies).
 
     Returns:
         per level (deviation (k, C, h, w), fd (k, h, w) = 1 - max cos).
     """
+    if match == "joint" and len(support) > 1:
+        return _joint_leave_one_out(support, signed, chunk_size, radius)
     out = []
     for feature in support:
         k = feature.shape[0]
@@ -83,6 +82,44 @@ def leave_one_out(
             fds.append(1.0 - max_cos)
         out.append((torch.cat(devs), torch.cat(fds)))
     return out
+
+
+def _joint_leave_one_out(
+    support: list[torch.Tensor], signed: bool, chunk_size: int, radius: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`leave_one_out` with one shared nearest patch for all levels (the levels concatenated, as the detector)."""
+    k = support[0].shape[0]
+    joint = torch.cat(support, 1) / len(support) ** 0.5  # unit length again: the self-match below uses dot products
+    per_level: list[tuple[list, list]] = [([], []) for _ in support]
+    for i in range(k):
+        query = [f[i : i + 1] for f in support]
+        if k == 1:
+            _, idx = _self_nearest(joint[i : i + 1], radius)
+            banks = [flatten_tokens(f) for f in support]
+            results = []
+            for q, bank in zip(query, banks):
+                t = flatten_tokens(q)
+                normal = bank[idx]
+                dev = t - normal if signed else (t - normal).abs()
+                results.append((dev.reshape(1, *q.shape[2:], -1).permute(0, 3, 1, 2), (t * normal).sum(1)))
+        else:
+            banks = [flatten_tokens(torch.cat([f[:i], f[i + 1 :]])).contiguous() for f in support]
+            results = joint_discrepancy(query, banks, signed, chunk_size)
+        for level, (dev, cos) in enumerate(results):
+            per_level[level][0].append(dev)
+            per_level[level][1].append((1.0 - cos).reshape(1, *support[level].shape[2:]))
+    return [(torch.cat(devs), torch.cat(fds)) for devs, fds in per_level]
+
+
+def _self_nearest(feature: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best cosine and index of each patch of (1, C, h, w) among its own patches farther than `radius` cells."""
+    _, _, h, w = feature.shape
+    tokens = flatten_tokens(feature.float())
+    sim = tokens @ tokens.T
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.flatten().to(feature.device), xs.flatten().to(feature.device)
+    near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
+    return sim.masked_fill(near, -2.0).max(dim=1)
 
 
 def level_stats(deviation: torch.Tensor, fd: torch.Tensor) -> LevelStats:

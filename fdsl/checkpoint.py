@@ -16,6 +16,32 @@ from common.utils import UserError, atomic_torch_save
 from fdsl.model import FDSLHead
 
 FORMAT = "fdsl-checkpoint-v1"
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+# The head that fdsl.test and fdsl.predict use without --checkpoint: trained on the dev benchmark's whole auxiliary
+# corpus (devbench_data/folds/all: 10 sources, the training anomaly kinds of common.pseudo_anomaly and NSA, none of
+# the test defect families) with efficientnet_lite0 at 256 px; the command that rebuilds it is in the README.
+SHIPPED_BACKBONE = "efficientnet_lite0"
+SHIPPED_HEAD = WEIGHTS / "devbench_efficientnet_lite0.pth"
+
+
+def default_checkpoint(checkpoint: str | None, backbone: str | None) -> str:
+    """The checkpoint to use: the given one, else the shipped head when the backbone is efficientnet_lite0 (or not
+    given). UserError otherwise (a head only fits the backbone it was trained on)."""
+    if checkpoint:
+        return str(checkpoint)
+    if backbone in (None, SHIPPED_BACKBONE) and SHIPPED_HEAD.is_file():
+        return str(SHIPPED_HEAD)
+    raise UserError(
+        f"FDSL needs a checkpoint for --backbone {backbone}: --checkpoint FILE written by python -m fdsl.train (the "
+        f"shipped head {SHIPPED_HEAD.name} only fits --backbone {SHIPPED_BACKBONE})"
+    )
+
+
+def strip_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Copy a training checkpoint without its `resume` entry (optimiser and RNG states): what a head ships as."""
+    state = load_checkpoint(src)
+    state.pop("resume", None)
+    return atomic_torch_save(state, dst)
 
 
 def resolve_pretrained(backbone: str, pretrained: str | None) -> str | None:
@@ -128,3 +154,28 @@ def build_head(state: dict, backbone: Backbone, path: str | Path = "checkpoint")
     head = FDSLHead(state["channels"], use_nam=bool(state["use_nam"]))
     head.load_state_dict(state["head"], strict=True)
     return head.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fdsl.checkpoint --strip IN OUT`: write IN without its resume state to OUT (e.g. to ship a head)."""
+    import argparse
+
+    from common.utils import cli_entry
+
+    p = argparse.ArgumentParser(prog="python -m fdsl.checkpoint", description=main.__doc__)
+    p.add_argument("--strip", nargs=2, metavar=("IN", "OUT"), required=True)
+
+    @cli_entry
+    def run(args: list[str] | None) -> int:
+        src, dst = p.parse_args(args).strip
+        out = strip_checkpoint(src, dst)
+        print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB)")
+        return 0
+
+    return run(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -26,12 +26,19 @@ PAPER_BACKBONE = "ViT-L-14-336"
 # `auto`: fp16 autocast on CUDA, fp32 elsewhere: the original trains and tests under torch.cuda.amp.autocast.
 FDSL_PRECISIONS = (*PRECISIONS, "auto")
 PROTOCOLS = ("ours", "paper")  # a label: configs/fdsl/paper_*.yaml set `paper` together with the paper's switches
-# FD/ASL fusion for CNN backbones, chosen on the dev benchmark (README "Development benchmark", session 4): on 10
-# offline sources with test-only defects and leave-one-source-out heads (k=4), the training-free FD map alone beat
-# the learned ASL map and kNN on image AUROC (numbers in the README); the held-out real-defect benchmark agreed (FD
-# alone .872, ASL .839, kNN .864). ViT backbones and paper mode keep the paper's 0.
-CNN_FD_WEIGHT = 1.0
-CNN_MAP_NORM = "none"
+# CNN defaults, chosen on the dev benchmark (scripts/devbench.py; README "Development benchmark", session 5): 10
+# offline sources, test-only defect families, leave-one-source-out heads, k = 4, 3 seeds. The FD map takes every level
+# from ONE nearest reference patch (`joint`), each level's FD map and ASL logit map are standardised with the normal
+# spread measured on the support itself (`support`, leave-one-out), and the blend is 0.8 FD + 0.2 ASL: there the
+# learned head adds to the training-free FD map, where the raw paper fusion (fd_weight 0) lost 5 points to it. With
+# standardised maps the image score is the maximum of the final map smoothed as the kNN baseline's (sigma 4 px): the
+# paper's score mixes a probability with a per-class min-max and is transductive. ViT backbones and paper mode keep
+# the paper's: level, none, 0, paper, 0.
+CNN_FD_WEIGHT = 0.8
+CNN_MAP_NORM = "support"
+CNN_FD_MATCH = "joint"
+CNN_IMAGE_SCORE = "map"
+CNN_SMOOTH_SIGMA = 4.0
 
 
 _opt = config.option  # a dataclass field carrying its CLI help, choices, aliases (common.config)
@@ -57,6 +64,12 @@ class TrainConfig:
     lr: float = _opt(ADAM_LR, "Adam learning rate (betas 0.5, 0.999)")
     use_nam: int = _opt(1, "Neighbor Aggregation Module (original useConvRes)", choices=(0, 1))
     signed: int = _opt(0, "signed deviation f - n instead of |f - n| (original useAbs=0)", choices=(0, 1))
+    fd_match: str = _opt(
+        "level",
+        "FD's normal component: level = each level's own nearest reference patch (the paper); joint = one nearest "
+        "patch for all levels, on the concatenated unit-length levels (ours)",
+        choices=("level", "joint"),
+    )
     input_norm: str = _opt(
         "none",
         "support = divide the head's input deviation by each class's per-channel normal RMS, measured leave-one-out "
@@ -99,7 +112,8 @@ class TrainConfig:
 @dataclass
 class TestConfig:
     dataset_root: str = _opt("", "test dataset root (meta.json)", required=True, aliases=("--data-root",))
-    checkpoint: str = _opt("", "FDSL checkpoint (epoch_<E>.pth or last.pth)", required=True)
+    checkpoint: str = _opt("", "FDSL checkpoint (epoch_<E>.pth or last.pth); default: the shipped efficientnet_lite0 "
+                           "head, fdsl/weights/devbench_efficientnet_lite0.pth (README, Development benchmark)")
     k_shot: int = _opt(0, "support images per class", required=True)
     seed: int = _opt(0, "seed of the support draw", required=True)
     save_dir: str = _opt("", "output folder for results.json and log.txt", required=True)
@@ -154,6 +168,13 @@ class TestConfig:
         "blend a in (1 - a) * ASL + a * mean_l(1 - max cos); 0 = the original code (ViT / paper mode); default: 0 for "
         f"ViT backbones, {CNN_FD_WEIGHT} for CNN backbones (chosen on the dev benchmark: scripts/devbench.py)",
     )
+    fd_match: str | None = _opt(
+        None,
+        "FD's normal component: level = each level's own nearest reference patch (the paper); joint = one nearest "
+        f"patch for all levels (ours). Default: {CNN_FD_MATCH} for CNN backbones (chosen on the dev benchmark), level "
+        "for ViT backbones",
+        choices=("level", "joint"),
+    )
     map_norm: str | None = _opt(
         None,
         "support = standardise every level's FD map and ASL logits with the normal spread measured on the support "
@@ -166,16 +187,19 @@ class TestConfig:
         "fraction of reference patches kept in the FD banks (greedy k-center, as PatchCore); 1 = all (exact, the "
         "paper). Less is faster and approximate; not used with --use-img-idx 1",
     )
-    image_score: str = _opt(
-        "paper",
+    image_score: str | None = _opt(
+        None,
         "paper = 0.5 * (score + per-class min-max of map maxima), TRANSDUCTIVE (uses "
         "the whole test set of the class); max = the image's own score (mean over levels of each level map's "
-        "maximum); map = the maximum of the final map after upsampling and smoothing (as the kNN baseline)",
+        "maximum); map = the maximum of the final map after upsampling and smoothing (as the kNN baseline). Default: "
+        f"{CNN_IMAGE_SCORE} for CNN backbones, paper for ViT backbones",
         choices=("paper", "max", "map"),
     )
     legacy_second_draw: int = _opt(0, "window bank from a second support draw, as the original", choices=(0, 1))
-    smooth_sigma: float = _opt(
-        0.0, "gaussian sigma (px) on the upsampled map before metrics; 0 = original, the kNN baseline / PatchCore use 4"
+    smooth_sigma: float | None = _opt(
+        None,
+        "gaussian sigma (px) on the upsampled map before metrics; 0 = original, the kNN baseline / PatchCore use 4. "
+        f"Default: {CNN_SMOOTH_SIGMA:g} for CNN backbones, 0 for ViT backbones",
     )
     eval_size: int = _opt(EVAL_SIZE, "resolution of the pixel metrics (original calImage_size 240)")
     batch_size: int = _opt(8, "test batch size")

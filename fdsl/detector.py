@@ -17,7 +17,7 @@ from common.backbones import Backbone
 from common.contract import DetectorOutput, ScoreFusion, require_setup
 from common.memory_bank import greedy_coreset
 from fdsl.calibration import LevelStats, leave_one_out, level_stats, logit, standardise
-from fdsl.model import ASL_HIDDEN, FDSLHead, extract_levels, feature_discrepancy, flatten_tokens
+from fdsl.model import ASL_HIDDEN, FDSLHead, discrepancies, extract_levels, feature_discrepancy, flatten_tokens
 from fdsl.windows import (
     WindowGeometry,
     check_encode_mode,
@@ -54,6 +54,7 @@ class DetectorOptions:
     # `support`: the head's input deviation is divided by the support's per-channel normal RMS; must be the
     # checkpoint's (`fdsl.train --input-norm`), as `feature_pool`
     input_norm: str = "none"
+    fd_match: str = "level"  # `joint` (ours): one nearest reference patch for all levels (fdsl.model.joint_discrepancy)
     signed: bool = False  # deviation f - n instead of |f - n| (original useAbs=0)
     score_from_map: bool = False  # image score = max of the post-processed final map (None to the evaluator)
     feature_pool: int = 1  # local average pooling before FD; must be the checkpoint's (fdsl.model.extract_levels)
@@ -192,9 +193,9 @@ class FDSLDetector:
         self.stats: list[LevelStats] = []  # support calibration of the main levels (fdsl/calibration.py)
         self.win_stats: list[LevelStats] = []  # ... and of the zoomed window levels
         self.memory: dict[str, int] = {}
-        if self.calibrated and self.uses_windows and not self.shares_window_tokens:
-            raise ValueError("support calibration (--map-norm / --input-norm support) with LFE windows needs "
-                             "--win-encode shared and --use-img-idx 0")  # fmt: skip
+        if (self.calibrated or opts.fd_match == "joint") and self.uses_windows and not self.shares_window_tokens:
+            raise ValueError("support calibration (--map-norm / --input-norm support) and --fd-match joint with LFE "
+                             "windows need --win-encode shared and --use-img-idx 0")  # fmt: skip
 
     @property
     def calibrated(self) -> bool:
@@ -204,7 +205,8 @@ class FDSLDetector:
     def _calibrate(self, support: list[torch.Tensor], window: bool = False) -> list[LevelStats]:
         """Per-level normal statistics of support features (k, C, G, G) by leave-one-out (fdsl/calibration.py)."""
         stats = []
-        for level, (dev, fd) in enumerate(leave_one_out(support, self.opts.signed, self.opts.chunk_size)):
+        loo = leave_one_out(support, self.opts.signed, self.opts.chunk_size, match=self.opts.fd_match)
+        for level, (dev, fd) in enumerate(loo):
             st = level_stats(dev, fd)
             if self.opts.map_norm == "support" and self.opts.fd_weight < 1:  # the ASL logits' normal spread too
                 asl = self._asl_level(level, self._scaled(dev, st), window)
@@ -263,7 +265,7 @@ class FDSLDetector:
         """Build this class's banks from the k support images (k, 3, S, S); the previous class's are dropped."""
         self.bank, self.win_bank, self.win_keys = [], [], None  # free the previous class first
         support = self.encode(support_images)
-        self.bank = [self._reduce(flatten_tokens(f)) for f in support]  # M_l: (k*G*G, C)
+        self.bank = self._reduce([flatten_tokens(f) for f in support])  # M_l: (k*G*G, C)
         self.stats = self._calibrate(support) if self.calibrated else []
         self.win_stats = []
         if self.uses_windows:
@@ -277,7 +279,7 @@ class FDSLDetector:
         if self.shares_window_tokens:  # each covered token of the zoomed references once (see the property)
             cover = shared_coverage(geom, images.device)
             maps = encode_shared(self.backbone, images, geom, batch, pool)
-            self.win_bank = [self._reduce(flatten_tokens(m[:, :, cover][:, :, :, cover])) for m in maps]
+            self.win_bank = self._reduce([flatten_tokens(m[:, :, cover][:, :, :, cover]) for m in maps])
             if self.calibrated:  # the zoomed tokens' own normal statistics
                 self.win_stats = self._calibrate([m[:, :, cover][:, :, :, cover] for m in maps], window=True)
             return
@@ -286,13 +288,18 @@ class FDSLDetector:
             self.win_bank = [f.flatten(2).transpose(1, 2).to(self.bank_dtype).contiguous() for f in feats]
             self.win_keys = keys.to(self.bank_dtype)
         else:  # all windows of all references pooled (original usewinmem=1)
-            self.win_bank = [self._reduce(flatten_tokens(f)) for f in feats]
+            self.win_bank = self._reduce([flatten_tokens(f) for f in feats])
 
-    def _reduce(self, tokens: torch.Tensor) -> torch.Tensor:
-        """A bank of (M, C) reference tokens: all of them, or a greedy coreset with `opts.coreset` < 1."""
+    def _reduce(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Banks of (M, C_l) reference tokens per level: all of them, or a greedy coreset with `opts.coreset` < 1
+        (per level; with `fd_match: joint` one coreset of the concatenated levels, so rows stay aligned)."""
         if self.opts.coreset < 1.0:
-            tokens = tokens[greedy_coreset(tokens, self.opts.coreset)]
-        return tokens.to(self.bank_dtype)
+            if self.opts.fd_match == "joint":
+                keep = greedy_coreset(torch.cat(levels, 1), self.opts.coreset)
+                levels = [t[keep] for t in levels]
+            else:
+                levels = [t[greedy_coreset(t, self.opts.coreset)] for t in levels]
+        return [t.to(self.bank_dtype) for t in levels]
 
     def _memory_report(self) -> dict[str, int]:
         """Stored bank bytes and the bytes one query window searches (what the index bank reduces)."""
@@ -314,8 +321,9 @@ class FDSLDetector:
     def _main_branch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """FD -> ASL (-> NAM) on the whole image: map (B, G, G), score (B,)."""
         deviations, fd_maps = [], []
-        for level, (feat, bank) in enumerate(zip(self.encode(images), self.bank)):
-            dev, max_cos = feature_discrepancy(feat, bank, self.opts.signed, self.opts.chunk_size)
+        results = discrepancies(self.encode(images), self.bank, self.opts.fd_match, self.opts.signed,
+                                self.opts.chunk_size)  # fmt: skip
+        for level, (dev, max_cos) in enumerate(results):
             deviations.append(self._scaled(dev, self.stats[level] if self.stats else None))
             fd_maps.append(1.0 - max_cos)
         if self.opts.map_norm == "support":
@@ -354,10 +362,7 @@ class FDSLDetector:
         geom = self.geometry
         if self.shares_window_tokens:  # FD and ASL per zoomed token, then the windows are cut (see the property)
             maps = encode_shared(self.backbone, images, geom, self.opts.encode_batch, self.opts.feature_pool)
-            results = [
-                feature_discrepancy(m, bank, self.opts.signed, self.opts.chunk_size)
-                for m, bank in zip(maps, self.win_bank)
-            ]
+            results = discrepancies(maps, self.win_bank, self.opts.fd_match, self.opts.signed, self.opts.chunk_size)
             if self.calibrated:
                 results = [(self._scaled(dev, st), max_cos) for (dev, max_cos), st in zip(results, self.win_stats)]
             if self.opts.map_norm == "support":  # z-scores per zoomed token, then cut and stitched (affine: exact)

@@ -94,6 +94,55 @@ def feature_discrepancy(
     return deviation, (1.0 - dist[:, 0].float()).reshape(b, h, w)
 
 
+FD_MATCHES = ("level", "joint")
+
+
+def joint_discrepancy(
+    queries: list[torch.Tensor], banks: list[torch.Tensor], signed: bool = False, chunk_size: int = 4096,
+    backend: str = "auto",
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """FD with ONE normal reference patch for all levels (`--fd-match joint`, ours).
+
+    The paper matches every level on its own, so a query patch may take its level-2 normal component from one
+    reference patch and its level-3 one from another: two partial matches can each look normal where no single
+    normal patch does. Here the reference patch is the nearest on the concatenated unit-length levels (the largest
+    mean cosine over levels), and each level's deviation is taken from that same patch.
+
+    Args:
+        queries: per level (B, C_l, h, w) L2-normalised features on one grid.
+        banks: per level (M, C_l) reference patches, the same M rows (patches) in the same order on every level.
+
+    Returns:
+        per level (deviation (B, C_l, h, w), cos (B, h, w) to the shared reference patch).
+    """
+    b, _, h, w = queries[0].shape
+    tokens = [flatten_tokens(q) for q in queries]
+    _, idx = nearest_neighbors(
+        torch.cat(tokens, 1).to(banks[0].dtype), torch.cat(banks, 1), k=1, metric="cosine", chunk_size=chunk_size,
+        backend=backend,
+    )  # fmt: skip
+    out = []
+    for t, bank in zip(tokens, banks):
+        normal = bank.index_select(0, idx[:, 0]).float()
+        cos = (t * normal).sum(1)
+        deviation = t - normal
+        if not signed:
+            deviation = deviation.abs()
+        out.append((deviation.reshape(b, h, w, -1).permute(0, 3, 1, 2), cos.reshape(b, h, w)))
+    return out
+
+
+def discrepancies(
+    queries: list[torch.Tensor], banks: list[torch.Tensor], match: str = "level", signed: bool = False,
+    chunk_size: int = 4096,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """FD of every level: `level` = each level against its own nearest patch (the paper), `joint` = one shared
+    nearest patch (`joint_discrepancy`). Returns per level (deviation (B, C_l, h, w), max cos (B, h, w))."""
+    if match == "joint" and len(queries) > 1:
+        return joint_discrepancy(queries, banks, signed, chunk_size)
+    return [feature_discrepancy(q, bank, signed, chunk_size) for q, bank in zip(queries, banks)]
+
+
 class ASL(nn.Module):
     """Anomaly Score Learning classifier of one level, applied to every token of the deviation map D_l.
 

@@ -22,8 +22,18 @@ from common.few_shot import sample_support
 from common.results import format_table
 from common.utils import UserError, cli_entry, resolve_workers
 from data.dataset import load_images
-from fdsl.checkpoint import build_head, load_checkpoint, resolve_pretrained
-from fdsl.config import CNN_FD_WEIGHT, CNN_MAP_NORM, TestConfig, build_parser, resolve_config, resolve_precision
+from fdsl.checkpoint import build_head, default_checkpoint, load_checkpoint, resolve_pretrained
+from fdsl.config import (
+    CNN_FD_MATCH,
+    CNN_FD_WEIGHT,
+    CNN_IMAGE_SCORE,
+    CNN_MAP_NORM,
+    CNN_SMOOTH_SIGMA,
+    TestConfig,
+    build_parser,
+    resolve_config,
+    resolve_precision,
+)
 from fdsl.detector import DetectorOptions, FDSLDetector
 from fdsl.windows import WindowGeometry, check_encode_mode
 
@@ -36,7 +46,8 @@ CNN_WIN_ZOOM = 2.0
 CNN_WIN_ENCODE = "shared"
 # Training options that change the numbers, copied from the checkpoint into results.json (`train_options`).
 TRAIN_SWITCHES = ("protocol", "recalibrate_bn", "precision_used", "tf32_used", "num_workers", "feature_pool",
-                  "input_norm", "signed", "aug_rate", "use_crop", "epochs", "train_k_shot", "seed")  # fmt: skip
+                  "input_norm", "fd_match", "signed", "aug_rate", "use_crop", "epochs", "train_k_shot",
+                  "seed")  # fmt: skip
 
 
 def check_test_config(cfg: TestConfig) -> None:
@@ -50,6 +61,8 @@ def check_test_config(cfg: TestConfig) -> None:
         raise UserError(f"--coreset must be in (0, 1] (got {cfg.coreset})")
     if cfg.win_zoom is not None and cfg.win_zoom <= 0:
         raise UserError(f"--win-zoom must be positive (got {cfg.win_zoom})")
+    if cfg.smooth_sigma is not None and cfg.smooth_sigma < 0:
+        raise UserError(f"--smooth-sigma must be >= 0, got {cfg.smooth_sigma}")
     if cfg.batch_size < 1 or cfg.eval_size < 1:
         raise UserError("--batch-size and --eval-size must be at least 1")
 
@@ -72,6 +85,10 @@ def resolve_test_config(cfg: TestConfig, state: dict) -> TestConfig:
         use_nam=int(state["use_nam"]) if cfg.use_nam is None else cfg.use_nam,
         fd_weight=cfg.fd_weight if cfg.fd_weight is not None else (CNN_FD_WEIGHT if backbone in CNN_NAMES else 0.0),
         map_norm=cfg.map_norm or (CNN_MAP_NORM if backbone in CNN_NAMES else "none"),
+        fd_match=cfg.fd_match or (CNN_FD_MATCH if backbone in CNN_NAMES else "level"),
+        image_score=cfg.image_score or (CNN_IMAGE_SCORE if backbone in CNN_NAMES else "paper"),
+        smooth_sigma=cfg.smooth_sigma if cfg.smooth_sigma is not None else (
+            CNN_SMOOTH_SIGMA if backbone in CNN_NAMES else 0.0),
     )
 
 
@@ -99,11 +116,11 @@ def build_detector(
     check_encode_mode(cfg.win_encode, backbone.kind)
     if cfg.win_resolution == "zoomed" and cfg.win_mode != "nan" and (cfg.win_encode != "shared" or cfg.use_img_idx):
         raise UserError("--win-resolution zoomed needs --win-encode shared and --use-img-idx 0")
-    calibrated = cfg.map_norm == "support" or trained.get("input_norm") == "support"
+    calibrated = cfg.map_norm == "support" or trained.get("input_norm") == "support" or cfg.fd_match == "joint"
     if calibrated and cfg.win_mode != "nan" and (cfg.win_encode != "shared" or cfg.use_img_idx):
-        raise UserError("support calibration (--map-norm support, or a head trained with --input-norm support) with "
-                        "LFE windows needs --win-encode shared and --use-img-idx 0; for other windows use "
-                        "--map-norm none with a head trained with --input-norm none")  # fmt: skip
+        raise UserError("support calibration (--map-norm support, or a head trained with --input-norm support) and "
+                        "--fd-match joint with LFE windows need --win-encode shared and --use-img-idx 0; for other "
+                        "windows use --map-norm none --fd-match level")  # fmt: skip
     if cfg.win_mode != "nan":
         zoom = cfg.win_zoom if cfg.win_zoom is not None else (CNN_WIN_ZOOM if backbone.kind == "cnn" else 1.0)
         cfg = dataclasses.replace(cfg, win_zoom=zoom)
@@ -122,6 +139,7 @@ def build_detector(
         autocast=precision == "fp16",
         fd_weight=cfg.fd_weight,
         map_norm=cfg.map_norm,
+        fd_match=cfg.fd_match,
         input_norm=trained.get("input_norm") or "none",  # checkpoints from before the option: none
         signed=bool(trained.get("signed", 0)),
         feature_pool=int(trained.get("feature_pool") or 1),
@@ -151,6 +169,7 @@ def results_extra(cfg: TestConfig, state: dict, runtime: dict) -> dict:
         + (" (transductive per-class min-max fusion)" if cfg.image_score == "paper" else " (per image)"),
         "fd_weight": cfg.fd_weight,
         "map_norm": cfg.map_norm,
+        "fd_match": cfg.fd_match,
         "input_norm": state["config"].get("input_norm") or "none",
         "coreset": cfg.coreset,
         "smooth_sigma": cfg.smooth_sigma,
@@ -187,6 +206,7 @@ def run(cfg: TestConfig) -> dict:
     from engine.runner import request_from, run_eval
 
     check_test_config(cfg)
+    cfg = dataclasses.replace(cfg, checkpoint=default_checkpoint(cfg.checkpoint, cfg.backbone))
     state = load_checkpoint(cfg.checkpoint)
     resolved = resolve_test_config(cfg, state)  # backbone-independent values, for the request and resume key
     built: list[tuple[TestConfig, dict]] = []

@@ -49,7 +49,7 @@ from fdsl.checkpoint import (
     save_checkpoint,
 )
 from fdsl.config import ADAM_BETAS, TrainConfig, build_parser, resolve_config, resolve_precision
-from fdsl.model import FDSLHead, default_feature_pool, extract_levels, fdsl_loss, feature_discrepancy, flatten_tokens
+from fdsl.model import FDSLHead, default_feature_pool, discrepancies, extract_levels, fdsl_loss, flatten_tokens
 
 
 class FeatureCache:
@@ -98,7 +98,7 @@ def build_training_banks(
         feats = extract_levels(backbone(images).features, cfg.feature_pool)
         banks[name] = [flatten_tokens(f).to(dtype) for f in feats]
         if scales is not None:
-            loo = leave_one_out(feats, bool(cfg.signed))
+            loo = leave_one_out(feats, bool(cfg.signed), match=cfg.fd_match)
             scales[name] = [level_stats(dev, fd).channel_scale.to(device) for dev, fd in loo]
     return banks, scales
 
@@ -106,18 +106,19 @@ def build_training_banks(
 @torch.inference_mode()
 def compute_deviations(
     backbone, images: torch.Tensor, classes: list[str], banks: dict, signed: bool, pool: int = 1,
-    scales: dict | None = None,
+    scales: dict | None = None, match: str = "level",
 ) -> list:
     """Frozen backbone + FD for a batch of mixed classes. images (B, 3, S, S) -> per level (B, C_l, G, G).
 
-    With `scales` ({class: [(C_l,)]}, `--input-norm support`) each deviation is divided by its class's channel RMS.
+    `match`: `level` or `joint` nearest reference patch (fdsl.model.discrepancies). With `scales` ({class: [(C_l,)]},
+    `--input-norm support`) each deviation is divided by its class's channel RMS.
     """
     feats = extract_levels(backbone(images).features, pool)
     out = [torch.empty_like(f) for f in feats]
     for name in set(classes):
         rows = torch.tensor([i for i, c in enumerate(classes) if c == name], device=images.device)
-        for level, f in enumerate(feats):
-            dev = feature_discrepancy(f[rows], banks[name][level], signed)[0]
+        results = discrepancies([f[rows] for f in feats], banks[name], match, signed)
+        for level, (dev, _) in enumerate(results):
             if scales is not None:
                 dev = dev / scales[name][level][None, :, None, None]
             out[level][rows] = dev
@@ -181,6 +182,7 @@ class BatchBuilder:
                 bool(self.cfg.signed),
                 self.cfg.feature_pool,
                 self.scales,
+                self.cfg.fd_match,
             )
             for j, pos in enumerate(todo):
                 slots[pos] = ([d[j] for d in devs], loaded[pos][1])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.pseudo_anomaly import nsa_cutpaste
+from common.pseudo_anomaly import DEFECT_KINDS, nsa_cutpaste, synthesize_defect
 
 SMALL = ((0.01, 0.05), (0.01, 0.05))
 SMALL_WIDE = ((0.01, 0.05), (0.01, 0.1))
@@ -99,8 +99,14 @@ def make_pseudo_anomalies(
     mean: tuple,
     std: tuple,
     params: NSAParams | None = None,
+    mixed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One NSA pseudo anomaly per image, made at the input resolution.
+
+    With `mixed` (`pseudo_anomalies: mixed`, ours) each image instead gets, with probability 1/2, NSA, else one of
+    the training defect kinds of `common.pseudo_anomaly` (scratch, hole, blob, color, cutpaste, foreign) drawn
+    uniformly: more kinds of "not normal" for the CAS to learn from than NSA's seams alone. (The dev benchmark's test
+    defects come from data/test_defects.py, which no training path imports.)
 
     Args:
         images: (B, 3, S, S) normalised support images.
@@ -117,6 +123,11 @@ def make_pseudo_anomalies(
     pixels = to_uint8(images, mean, std)
     out, masks = np.empty_like(pixels), np.zeros(pixels.shape[:3], np.float32)
     for i, image in enumerate(pixels):
+        if mixed and rng.random() < 0.5:
+            kind = DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))]
+            out[i], mask = synthesize_defect(image, kind, rng)
+            masks[i] = mask
+            continue
         for _ in range(MAX_DRAWS):
             patched, mask = nsa_cutpaste(
                 image, rng, params.width_bounds, params.num_patches, params.min_object_pct,

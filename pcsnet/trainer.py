@@ -65,8 +65,10 @@ class PseudoAnomalySource:
         pool: int,
         params: NSAParams | None = None,
         crop: int | None = None,
+        mixed: bool = False,
     ):
         self.backbone, self.support, self.class_name, self.rng, self.pool = backbone, support, class_name, rng, pool
+        self.mixed = mixed  # NSA or common.pseudo_anomaly's kinds, half and half (pseudo_anomalies: mixed)
         self.crop = crop  # centre-crop side applied after the pseudo anomaly is made (paper mode); None = none
         self.params = params or nsa_params(class_name)
         self.k = len(support)
@@ -78,7 +80,7 @@ class PseudoAnomalySource:
     def _draw(self, idx: torch.Tensor) -> tuple[Levels, torch.Tensor]:
         mean, std = self.backbone.mean, self.backbone.std
         images, masks = make_pseudo_anomalies(self.support[idx].cpu(), self.class_name, self.rng, mean, std,
-                                              self.params)  # fmt: skip
+                                              self.params, mixed=self.mixed)  # fmt: skip
         device = self.support.device
         images, masks = center_crop(images, self.crop), center_crop(masks, self.crop)
         return extract_levels(self.backbone, images.to(device).contiguous()), masks.to(device).contiguous()
@@ -214,7 +216,8 @@ def train_class(
             model.eval()  # BN of the rotation variant: no running-stat update
             model.init_radius(knn_distances(model.descriptor(clean_levels), model.prototypes, model.nn_loss))
     params = nsa_params(class_name, cfg.nsa_default_bounds, cfg.nsa_default_patches)
-    source = PseudoAnomalySource(backbone, support, class_name, rng, cfg.aug_pool, params, crop=crop)
+    source = PseudoAnomalySource(backbone, support, class_name, rng, cfg.aug_pool, params, crop=crop,
+                                 mixed=cfg.pseudo_anomalies == "mixed")  # fmt: skip
     opt = build_optimizer(model, cfg)
     model.train()
     history = []

@@ -37,9 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 BACKBONE = "efficientnet_lite0"
 DEFAULT_VARIANTS = {  # name -> METHOD:ARGS
     "knn": "knn:",
-    "fdsl": "fdsl:",  # the command's defaults (for CNN backbones: --fd-weight 1, the FD map alone)
-    "fdsl_asl": "fdsl:--fd-weight 0",  # the learned ASL (+ NAM) map, the paper's fusion
-    "fdsl_fd": "fdsl:--fd-weight 1",  # FDSL's training-free part: the FD map alone
+    # the command's defaults (CNN: joint FD, support-standardised FD and ASL maps, 0.8 FD + 0.2 ASL, map score)
+    "fdsl": "fdsl:",
+    "fdsl_asl": "fdsl:--fd-weight 0",  # the learned ASL (+ NAM) map alone, standardised as the default
+    "fdsl_fd": "fdsl:--fd-weight 1",  # FDSL's training-free part: the (standardised) FD map alone
+    # the paper's FD and fusion on a CNN: per-level matching, raw maps, the ASL map alone, transductive score
+    "fdsl_paper": "fdsl:--fd-match level --map-norm none --fd-weight 0 --image-score paper --smooth-sigma 0",
     "pcsnet": "pcsnet:",
     # PCSNet's training-free part, the PFA map alone: CAS (a probability in [0, 1]) next to 1000 x the PFA map
     # (normalised to ~1 on the support) changes no ranking of consequence
@@ -47,6 +50,7 @@ DEFAULT_VARIANTS = {  # name -> METHOD:ARGS
 }
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 HEAD_EPOCHS = 3
+HEAD_ARGS = "--fd-match joint"  # the heads learn on the deviations the CNN default tests with (fdsl/config.py)
 
 
 def _csv(text: str, cast=str) -> list:
@@ -66,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="define (or redefine) a variant, e.g. 'knn_l2=knn:--backbone efficientnet_lite2'")
     p.add_argument("--backbone", default=BACKBONE, help="backbone of every method (default efficientnet_lite0)")
     p.add_argument("--head-epochs", type=int, default=HEAD_EPOCHS, help="FDSL head training epochs per fold")
-    p.add_argument("--head-args", default="", help="extra fdsl.train arguments for the fold heads")
+    p.add_argument("--head-args", default=HEAD_ARGS,
+                   help=f"fdsl.train arguments of the fold heads (default {HEAD_ARGS!r})")  # fmt: skip
     p.add_argument("--heads", default=None, help="folder of fold heads <group>/last.pth (default OUT/heads)")
     p.add_argument("--threads", type=int, default=2, help="OMP threads of every subprocess")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables from cached runs")

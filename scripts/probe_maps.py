@@ -28,14 +28,13 @@ from data.dataset import AnomalyDataset, load_images
 from data.devbench import GROUP, SOURCES
 from fdsl.checkpoint import load_checkpoint
 from fdsl.config import TestConfig
-from fdsl.model import feature_discrepancy
+from fdsl.model import discrepancies
 from fdsl.test import build_detector
 
 
 def fdsl_maps(det, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     fds, devs = [], []
-    for feat, bank in zip(det.encode(images), det.bank):
-        dev, max_cos = feature_discrepancy(feat, bank, det.opts.signed, det.opts.chunk_size)
+    for dev, max_cos in discrepancies(det.encode(images), det.bank, det.opts.fd_match, det.opts.signed):
         devs.append(dev)
         fds.append(1.0 - max_cos)
     asl = det.head.score_maps(devs, det.opts.use_nam)
@@ -54,6 +53,7 @@ def main() -> None:
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--feature-pool", type=int, default=None, help="FDSL pooling (asl maps then mean nothing)")
     p.add_argument("--tag", default="")
+    p.add_argument("--fd-match", default="level", choices=("level", "joint"))
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,6 +65,7 @@ def main() -> None:
         state = load_checkpoint(ckpt)
         cfg = TestConfig(dataset_root=args.data, checkpoint=str(ckpt), k_shot=1, seed=0, save_dir="x")
         det, _, _ = build_detector(cfg, state, device, meta)
+        det.opts.fd_match = args.fd_match
         if args.feature_pool:
             det.opts.feature_pool = args.feature_pool
         size = det.image_size

@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # fdsl.predict loads without --checkpoint), PCSNet trains 1 epoch of a CAS of width 8
 OPTIONS = {
     "knn": {"image_size": 64},
-    "fdsl": {"image_size": 64},
+    "fdsl": {"image_size": 64},  # the CNN defaults: joint FD, support-standardised maps, the map's maximum
     "fdsl-map": {"image_size": 64, "image_score": "map", "fd_weight": 0.5},  # the demo's FDSL setting
+    # the paper's FD and fusion with FDSL's own per-image score
+    "fdsl-own": {"image_size": 64, "image_score": "max", "map_norm": "none", "fd_match": "level", "fd_weight": 0.0},
     "pcsnet": {"image_size": 64, "epochs": 1, "cas_width": 8, "aug_pool": 1},
 }
 
@@ -69,7 +71,7 @@ def test_onnx_graph_equals_the_predict_path(parts, setting, tmp_path):
     spec = json.loads((tmp_path / "preprocess.json").read_text())
     assert spec["image_size"] == 64 and spec["mean"] == pytest.approx(list(predictor.detector.mean))
     assert spec["threshold"] == predictor.threshold and len(spec["loo_scores"]) == 3  # the predict path's LOO
-    assert spec["score_is_map_max"] == (setting != "fdsl")  # FDSL's own score by default, the map max otherwise
+    assert spec["score_is_map_max"] == (setting != "fdsl-own")  # FDSL's own score only when asked for
     model = onnx.load(str(tmp_path / "model.onnx"))
     assert [i.name for i in model.graph.input] == ["image"]  # bank / prototypes / head are constants inside
     assert [o.name for o in model.graph.output] == ["anomaly_map", "pred_score"]

@@ -79,7 +79,8 @@ def test_fdsl_cli_one_row_per_image(parts, checkpoint, capsys):
             "--quiet"]  # fmt: skip
     assert fdsl_predict.main(argv) == 0, capsys.readouterr().err
     info = _check_outputs(out, queries, "fdsl")
-    assert len(info["loo_scores"]) == 3 and info["score_is_map_max"] is False  # FDSL's own per-image score
+    # the CNN default scores the maximum of the smoothed, support-standardised map (fdsl/config.py CNN_IMAGE_SCORE)
+    assert len(info["loo_scores"]) == 3 and info["score_is_map_max"] is True
     assert info["image_size"] == 64 and info["options"]["checkpoint"] == str(checkpoint)
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from common.backbones import Backbone, BackboneOutput, FeatureInfo
 from fdsl.calibration import leave_one_out, level_stats, logit
 from fdsl.detector import DetectorOptions, FDSLDetector
-from fdsl.model import FDSLHead, extract_levels
+from fdsl.model import FDSLHead, discrepancies, extract_levels, joint_discrepancy
 from fdsl.train import compute_deviations
 
 
@@ -154,3 +154,62 @@ def test_input_norm_divides_the_training_deviation_by_the_class_scale():
     scaled = compute_deviations(backbone, images, ["c", "c"], banks, signed=False, scales=scales)
     for level in range(2):
         assert torch.allclose(scaled[level], plain[level] / scales["c"][level][None, :, None, None])
+
+
+def test_joint_match_takes_every_level_from_one_reference_patch():
+    """The motivating case: a query made of patch A's level 1 and patch B's level 2 is normal for per-level FD (each
+    level finds a perfect match), and anomalous for the joint match (no single normal patch explains both)."""
+    a1, a2 = F.normalize(torch.tensor([1.0, 0.0, 0.2]), dim=0), F.normalize(torch.tensor([0.0, 1.0, 0.1]), dim=0)
+    b1, b2 = F.normalize(torch.tensor([0.1, 0.2, 1.0]), dim=0), F.normalize(torch.tensor([1.0, 1.0, 0.0]), dim=0)
+    banks = [torch.stack([a1, b1]), torch.stack([a2, b2])]  # rows: patch A, patch B
+    query = [a1.view(1, 3, 1, 1), b2.view(1, 3, 1, 1)]
+    level = discrepancies(query, banks, "level")
+    assert all(float(1 - cos) == pytest.approx(0.0, abs=1e-6) for _, cos in level)
+    joint = joint_discrepancy(query, banks)
+    # joint: A scores cos(a1, a1) + cos(b2, a2), B scores cos(a1, b1) + cos(b2, b2); the larger wins
+    score_a = 1 + float(b2 @ a2)
+    score_b = float(a1 @ b1) + 1
+    ref = 0 if score_a > score_b else 1
+    for lv, (dev, cos) in enumerate(joint):
+        normal = banks[lv][ref]
+        assert torch.allclose(dev[0, :, 0, 0], (query[lv][0, :, 0, 0] - normal).abs(), atol=1e-6)
+        assert float(cos) == pytest.approx(float(query[lv][0, :, 0, 0] @ normal), abs=1e-6)
+    assert sum(float(1 - cos) for _, cos in joint) > 0.1
+
+
+def test_joint_match_is_the_best_mean_cosine_by_loop():
+    queries = [_unit(2, 4, 3, 3, seed=4), _unit(2, 5, 3, 3, seed=5)]
+    banks = [_unit(30, 4, seed=6), _unit(30, 5, seed=7)]
+    out = joint_discrepancy(queries, banks)
+    for b in range(2):
+        for y in range(3):
+            for x in range(3):
+                sims = [sum(float(queries[lv][b, :, y, x] @ banks[lv][j]) for lv in range(2)) for j in range(30)]
+                j = max(range(30), key=sims.__getitem__)
+                for lv in range(2):
+                    assert float(out[lv][1][b, y, x]) == pytest.approx(float(queries[lv][b, :, y, x] @ banks[lv][j]),
+                                                                       abs=1e-5)  # fmt: skip
+
+
+@torch.no_grad()
+def test_joint_calibration_and_coreset_keep_the_levels_aligned():
+    """fd_match joint: the leave-one-out FD of the support uses the joint match (by loop), and a coreset keeps the
+    same patches on every level (rows stay aligned across the banks)."""
+    support = _images(3, 1)
+    det = FDSLDetector(TwoLevels(), FDSLHead([3, 3]).eval(),
+                       DetectorOptions(map_norm="support", fd_weight=1.0, fd_match="joint"))  # fmt: skip
+    det.setup("c", support)
+    feats = extract_levels(det.backbone(support).features)
+    fd0 = []
+    for lv in range(2):
+        rest = [feats[j][1:].permute(0, 2, 3, 1).reshape(-1, 3) for j in range(2)]
+        fd0.append(1 - joint_discrepancy([f[:1] for f in feats], rest)[lv][1])
+    assert det.stats[0].fd_mean != pytest.approx(det.stats[1].fd_mean)
+    (_, fd_a), _ = leave_one_out(feats, match="joint")
+    assert torch.allclose(fd_a[0], fd0[0][0], atol=1e-6)
+    det = FDSLDetector(TwoLevels(), FDSLHead([3, 3]).eval(), DetectorOptions(fd_match="joint", coreset=0.5))
+    det.setup("c", support)
+    full = [f.permute(0, 2, 3, 1).reshape(-1, 3) for f in feats]
+    rows = [torch.cdist(det.bank[lv], full[lv]).argmin(1) for lv in range(2)]
+    assert det.bank[0].shape[0] == det.bank[1].shape[0] < full[0].shape[0]
+    assert torch.equal(rows[0], rows[1])  # the same patches kept on both levels

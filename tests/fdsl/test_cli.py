@@ -214,3 +214,32 @@ def test_drivers_end_to_end(trees, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "results/mvtec/few_shot/tiny_winmodenan/s1shot/seed7/results.json").is_file()
+
+
+def test_shipped_head_is_the_default_and_the_cnn_defaults_are_recorded(trees, tmp_path):
+    """Without --checkpoint fdsl.test uses the shipped broad-corpus head (efficientnet_lite0) and the CNN defaults
+    chosen on the dev benchmark; a stripped training checkpoint keeps the head and drops the resume state."""
+    import torch
+
+    from fdsl.checkpoint import SHIPPED_HEAD, load_checkpoint, strip_checkpoint
+    from fdsl.config import CNN_FD_MATCH, CNN_FD_WEIGHT, CNN_MAP_NORM, CNN_SMOOTH_SIGMA
+
+    _, test_root, base = trees
+    out = tmp_path / "shipped"
+    args = ["--dataset-root", str(test_root), "--k-shot", "2", "--seed", "0", "--save-dir", str(out),
+            "--image-size", "64", "--device", "cpu", "--progress", "0", "--no-report"]  # fmt: skip
+    assert fdsl_test.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["checkpoint"] == str(SHIPPED_HEAD) and results["backbone"] == "efficientnet_lite0"
+    assert (results["fd_match"], results["map_norm"], results["fd_weight"]) == (CNN_FD_MATCH, CNN_MAP_NORM,
+                                                                               CNN_FD_WEIGHT)  # fmt: skip
+    assert results["image_score"].startswith("map") and results["smooth_sigma"] == CNN_SMOOTH_SIGMA
+    shipped = load_checkpoint(SHIPPED_HEAD)
+    assert "resume" not in shipped and shipped["config"]["fd_match"] == "joint"  # trained as it is tested
+    ckpt = _train(test_root, base / "strip_src", "efficientnet_lite0")
+    assert "resume" in load_checkpoint(ckpt)
+    stripped = load_checkpoint(strip_checkpoint(ckpt, tmp_path / "head.pth"))
+    assert "resume" not in stripped
+    for key, value in load_checkpoint(ckpt)["head"].items():
+        assert torch.equal(stripped["head"][key], value), key
+    assert fdsl_test.main(args + ["--backbone", TINY_VIT]) == 2  # the shipped head fits efficientnet_lite0 only

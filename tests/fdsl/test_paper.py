@@ -152,6 +152,7 @@ def test_paper_configs_switch_our_changes_off():
                                                     "--save-dir", "y"])  # fmt: skip
         assert (cfg.protocol, cfg.recalibrate_bn, cfg.precision, cfg.tf32) == ("paper", 0, "auto", 1)
         assert (cfg.epochs, cfg.use_crop) == ((5, 0) if name == "paper_train.yaml" else (11, 1))
+        assert (cfg.fd_match, cfg.input_norm) == ("level", "none")
     ours = resolve_config(TrainConfig, parser, ["--dataset-root", "x", "--save-dir", "y"])
     assert (ours.protocol, ours.recalibrate_bn, ours.precision, ours.tf32) == ("ours", 1, "fp32", 0)
     test_parser = build_parser(fdsl_config.TestConfig, "t", "", "test.yaml")
@@ -160,6 +161,7 @@ def test_paper_configs_switch_our_changes_off():
     paper = resolve_config(fdsl_config.TestConfig, test_parser, paper_args)
     assert (paper.map_align_corners, paper.win_use_nam, paper.img_idx_match, paper.fd_weight) == (1, 1, "pooled", 0)
     assert (paper.image_score, paper.legacy_second_draw, paper.coreset, paper.precision) == ("paper", 0, 1.0, "auto")
+    assert (paper.fd_match, paper.map_norm, paper.smooth_sigma) == ("level", "none", 0.0)  # whatever the backbone
     assert resolve_config(fdsl_config.TestConfig, test_parser, args).map_align_corners == 0  # ours: unchanged
 
 

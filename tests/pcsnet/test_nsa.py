@@ -60,3 +60,25 @@ def test_same_seed_same_anomalies():
     c = make_pseudo_anomalies(images, "wood", np.random.default_rng(4), MEAN, STD)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
+
+
+def test_mixed_pseudo_anomalies_are_half_nsa_half_other_kinds_with_exact_masks():
+    """`pseudo_anomalies: mixed`: about half the images get NSA, the rest a common.pseudo_anomaly kind; the masks
+    still mark what changed (NSA's seamless blend also touches a thin rim around its patch, as in the test above)."""
+    from unittest import mock
+
+    import pcsnet.nsa as nsa
+
+    images = torch.stack([preprocess_image(texture(i), 48, MEAN, STD) for i in range(40)])
+    with mock.patch.object(nsa, "nsa_cutpaste", wraps=nsa.nsa_cutpaste) as spy:
+        aug, masks = make_pseudo_anomalies(images, "my_widget", np.random.default_rng(5), MEAN, STD, mixed=True)
+    nsa_images = len({id(c.args[0]) for c in spy.call_args_list})  # NSA retries on one image share its array
+    assert 10 <= nsa_images <= 30  # binomial(40, 1/2): 10..30 holds with probability > 0.999
+    changed = (aug - images).abs().amax(dim=1, keepdim=True) > 1e-6
+    assert bool((masks > 0.5).flatten(1).any(1).all())  # every image got a visible defect
+    inside = masks > 0.5
+    assert float((changed & inside).sum() / (changed | inside).sum()) > 0.9
+    again = make_pseudo_anomalies(images, "my_widget", np.random.default_rng(5), MEAN, STD, mixed=True)
+    assert torch.equal(again[0], aug) and torch.equal(again[1], masks)
+    plain = make_pseudo_anomalies(images, "my_widget", np.random.default_rng(5), MEAN, STD)
+    assert not torch.equal(plain[0], aug)  # the switch changes what is drawn
