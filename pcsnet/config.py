@@ -99,8 +99,8 @@ class PCSNetConfig:
                                                           "in the MVTec/MPDD tables, both axes; None = (0.03, 0.4) as "
                                                           "the tables' large classes")  # fmt: skip
     nsa_default_patches: int | None = _opt(None, "NSA patch count of classes not in the tables (None = 2)")
-    pseudo_anomalies: str = _opt("nsa", "nsa (the paper) | mixed: half NSA, half common.pseudo_anomaly's kinds (ours)",
-                                 choices=("nsa", "mixed"))  # fmt: skip
+    pseudo_anomalies: str = _opt("mixed", "nsa (the paper) | mixed: half NSA, half common.pseudo_anomaly's kinds "
+                                 "(ours; chosen on the dev benchmark)", choices=("nsa", "mixed"))  # fmt: skip
     aug_pool: int = _opt(8, "pseudo anomalies precomputed per support image (0 = fresh every step)")
     pfa_bank: str = _opt("prototypes", "what the fused PFA map measures against: prototypes (per-position means of "
                          "the adapted support, as the paper's PFA) | support (every adapted support patch; ours)",
