@@ -64,10 +64,11 @@ class TrainConfig:
     lr: float = _opt(ADAM_LR, "Adam learning rate (betas 0.5, 0.999)")
     use_nam: int = _opt(1, "Neighbor Aggregation Module (original useConvRes)", choices=(0, 1))
     signed: int = _opt(0, "signed deviation f - n instead of |f - n| (original useAbs=0)", choices=(0, 1))
-    fd_match: str = _opt(
-        "level",
+    fd_match: str | None = _opt(
+        None,
         "FD's normal component: level = each level's own nearest reference patch (the paper); joint = one nearest "
-        "patch for all levels, on the concatenated unit-length levels (ours)",
+        f"patch for all levels, on the concatenated unit-length levels (ours). Default: {CNN_FD_MATCH} for CNN "
+        "backbones (as fdsl.test's default), level for ViT backbones",
         choices=("level", "joint"),
     )
     input_norm: str = _opt(

@@ -48,7 +48,7 @@ from fdsl.checkpoint import (
     resolve_pretrained,
     save_checkpoint,
 )
-from fdsl.config import ADAM_BETAS, TrainConfig, build_parser, resolve_config, resolve_precision
+from fdsl.config import ADAM_BETAS, CNN_FD_MATCH, TrainConfig, build_parser, resolve_config, resolve_precision
 from fdsl.model import FDSLHead, default_feature_pool, discrepancies, extract_levels, fdsl_loss, flatten_tokens
 
 
@@ -382,6 +382,7 @@ def run(cfg: TrainConfig) -> dict:
     backbone = build_backbone(cfg.backbone, cfg.pretrained, cfg.layers, device, bool(cfg.quick_gelu), precision)
     cfg.num_workers = resolve_workers(cfg.num_workers, device)
     cfg.image_size = cfg.image_size or backbone.default_image_size
+    cfg.fd_match = cfg.fd_match or (CNN_FD_MATCH if backbone.kind == "cnn" else "level")  # as fdsl.test tests it
     if cfg.image_size % backbone.patch_size:
         raise UserError(
             f"--image-size {cfg.image_size} must be a multiple of {backbone.name}'s patch/stride {backbone.patch_size}"
