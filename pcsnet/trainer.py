@@ -244,7 +244,7 @@ def _set_pfa_scale(model: PCSNet, clean_levels: Levels) -> None:
     Prototypes (the default before `pfa_bank`): the maximum of the map of the clean support. `pfa_bank: support`:
     the bank is filled from the support first; since a support patch is its own nearest neighbour there, the scale
     is the maximum of each support image's map against the other k - 1 images (leave-one-out; with k = 1 the image
-    against itself, which equals the prototype map).
+    against itself: its map is the mean of 0 and its two nearest other patches).
     """
     model.pfa_scale.fill_(1.0)  # pfa_map divides by the current scale: measure the raw map
     if model.pfa_bank != "support":
