@@ -30,7 +30,8 @@ PROTOCOLS = ("ours", "paper")  # a label: configs/fdsl/paper_*.yaml set `paper` 
 # offline sources, test-only defect families, leave-one-source-out heads, k = 4, 3 seeds. The FD map takes every level
 # from ONE nearest reference patch (`joint`), each level's FD map and ASL logit map are standardised with the normal
 # spread measured on the support itself (`support`, leave-one-out), and the blend is 0.8 FD + 0.2 ASL: there the
-# learned head adds to the training-free FD map, where the raw paper fusion (fd_weight 0) lost 5 points to it. With
+# learned head adds (a little) to the training-free FD map: 83.0 vs 82.8 image AUROC, kNN 78.4; the paper's raw fusion
+# (per-level matching, fd_weight 0, transductive score) scored 70.2 on the same runs. With
 # standardised maps the image score is the maximum of the final map smoothed as the kNN baseline's (sigma 4 px): the
 # paper's score mixes a probability with a per-class min-max and is transductive. ViT backbones and paper mode keep
 # the paper's: level, none, 0, paper, 0.
