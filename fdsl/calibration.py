@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fdsl.model import feature_discrepancy, flatten_tokens, joint_discrepancy
+from fdsl.model import discrepancies, flatten_tokens
 
 # k = 1: a support patch is matched against the patches of its own image at least this many cells away (Chebyshev),
 # so its "nearest normal" is not itself or its overlapping neighbours.
@@ -39,15 +39,34 @@ class LevelStats:
     asl_std: float = 1.0
 
 
-def _self_discrepancy(feature: torch.Tensor, signed: bool, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """FD of one image (1, C, h, w) against its own patches farther than `radius` cells: dev (1, C, h, w), max cos."""
-    _, c, h, w = feature.shape
+def _self_nearest(feature: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best cosine and index of each patch of (1, C, h, w) among its own patches farther than `radius` cells."""
+    _, _, h, w = feature.shape
     tokens = flatten_tokens(feature.float())
-    best, idx = _self_nearest(feature, radius)
-    deviation = tokens - tokens[idx]
-    if not signed:
-        deviation = deviation.abs()
-    return deviation.reshape(1, h, w, c).permute(0, 3, 1, 2), best.reshape(1, h, w)
+    sim = tokens @ tokens.T
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.flatten().to(feature.device), xs.flatten().to(feature.device)
+    near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
+    return sim.masked_fill(near, -2.0).max(dim=1)
+
+
+def _self_discrepancy(
+    levels: list[torch.Tensor], signed: bool, radius: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """FD of one image against its own far patches, one shared match for the given levels [(1, C_l, h, w)]
+    (the concatenated unit-length levels, rescaled to unit length: dot products = mean cosines).
+
+    Returns per level (deviation (1, C_l, h, w), cos (1, h, w)).
+    """
+    _, idx = _self_nearest(torch.cat(levels, 1) / len(levels) ** 0.5, radius)
+    out = []
+    for feature in levels:
+        _, c, h, w = feature.shape
+        tokens = flatten_tokens(feature.float())
+        normal = tokens[idx]
+        deviation = tokens - normal if signed else (tokens - normal).abs()
+        out.append((deviation.reshape(1, h, w, c).permute(0, 3, 1, 2), (tokens * normal).sum(1).reshape(1, h, w)))
+    return out
 
 
 def leave_one_out(
@@ -65,61 +84,21 @@ def leave_one_out(
     Returns:
         per level (deviation (k, C, h, w), fd (k, h, w) = 1 - max cos).
     """
-    if match == "joint" and len(support) > 1:
-        return _joint_leave_one_out(support, signed, chunk_size, radius)
+    groups = [support] if match == "joint" else [[f] for f in support]  # levels that share one match
     out = []
-    for feature in support:
-        k = feature.shape[0]
-        devs, fds = [], []
+    for group in groups:
+        k = group[0].shape[0]
+        per_image = []
         for i in range(k):
-            query = feature[i : i + 1]
+            query = [f[i : i + 1] for f in group]
             if k == 1:
-                dev, max_cos = _self_discrepancy(query, signed, radius)
+                per_image.append(_self_discrepancy(query, signed, radius))
             else:
-                rest = torch.cat([feature[:i], feature[i + 1 :]])
-                dev, max_cos = feature_discrepancy(query, flatten_tokens(rest).contiguous(), signed, chunk_size)
-            devs.append(dev)
-            fds.append(1.0 - max_cos)
-        out.append((torch.cat(devs), torch.cat(fds)))
+                banks = [flatten_tokens(torch.cat([f[:i], f[i + 1 :]])).contiguous() for f in group]
+                per_image.append(discrepancies(query, banks, match, signed, chunk_size))
+        for level in range(len(group)):
+            out.append((torch.cat([r[level][0] for r in per_image]), 1.0 - torch.cat([r[level][1] for r in per_image])))
     return out
-
-
-def _joint_leave_one_out(
-    support: list[torch.Tensor], signed: bool, chunk_size: int, radius: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`leave_one_out` with one shared nearest patch for all levels (the levels concatenated, as the detector)."""
-    k = support[0].shape[0]
-    joint = torch.cat(support, 1) / len(support) ** 0.5  # unit length again: the self-match below uses dot products
-    per_level: list[tuple[list, list]] = [([], []) for _ in support]
-    for i in range(k):
-        query = [f[i : i + 1] for f in support]
-        if k == 1:
-            _, idx = _self_nearest(joint[i : i + 1], radius)
-            banks = [flatten_tokens(f) for f in support]
-            results = []
-            for q, bank in zip(query, banks):
-                t = flatten_tokens(q)
-                normal = bank[idx]
-                dev = t - normal if signed else (t - normal).abs()
-                results.append((dev.reshape(1, *q.shape[2:], -1).permute(0, 3, 1, 2), (t * normal).sum(1)))
-        else:
-            banks = [flatten_tokens(torch.cat([f[:i], f[i + 1 :]])).contiguous() for f in support]
-            results = joint_discrepancy(query, banks, signed, chunk_size)
-        for level, (dev, cos) in enumerate(results):
-            per_level[level][0].append(dev)
-            per_level[level][1].append((1.0 - cos).reshape(1, *support[level].shape[2:]))
-    return [(torch.cat(devs), torch.cat(fds)) for devs, fds in per_level]
-
-
-def _self_nearest(feature: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best cosine and index of each patch of (1, C, h, w) among its own patches farther than `radius` cells."""
-    _, _, h, w = feature.shape
-    tokens = flatten_tokens(feature.float())
-    sim = tokens @ tokens.T
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ys, xs = ys.flatten().to(feature.device), xs.flatten().to(feature.device)
-    near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
-    return sim.masked_fill(near, -2.0).max(dim=1)
 
 
 def level_stats(deviation: torch.Tensor, fd: torch.Tensor) -> LevelStats:

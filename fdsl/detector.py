@@ -64,22 +64,31 @@ class DetectorOptions:
     window_batch_bytes: int = 256 * 2**20  # window tokens' features + ASL activations held at once (images per step)
 
 
-def _combine(asl: list[torch.Tensor], fd: list[torch.Tensor], fd_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _level_mean(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-level maps [(B, G, G)] -> map (B, G, G) = mean over levels, score (B,) = mean of each level's maximum."""
+    stacked = torch.stack(maps)  # (L, B, G, G)
+    return stacked.mean(0), stacked.flatten(2).amax(2).mean(0)
+
+
+def _combine(
+    asl: list[torch.Tensor] | None, fd: list[torch.Tensor], fd_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer-mean map and image score of one branch.
 
     Args:
-        asl: per level P(anomalous) maps (B, G, G).
+        asl: per level P(anomalous) maps (B, G, G); None when fd_weight is 1 (the head is not run).
         fd: per level training-free maps 1 - max cos (B, G, G).
         fd_weight: a in (1 - a) * ASL + a * FD.
 
     Returns:
         map (B, G, G) = mean over levels; score (B,) = mean over levels of each level map's maximum (original).
     """
-    asl_t, fd_t = torch.stack(asl), torch.stack(fd)  # (L, B, G, G)
-    asl_map, asl_score = asl_t.mean(0), asl_t.flatten(2).amax(2).mean(0)
+    if asl is None:
+        return _level_mean(fd)
+    asl_map, asl_score = _level_mean(asl)
     if fd_weight == 0:
         return asl_map, asl_score
-    fd_map, fd_score = fd_t.mean(0), fd_t.flatten(2).amax(2).mean(0)
+    fd_map, fd_score = _level_mean(fd)
     return (1 - fd_weight) * asl_map + fd_weight * fd_map, (1 - fd_weight) * asl_score + fd_weight * fd_score
 
 
@@ -194,8 +203,9 @@ class FDSLDetector:
         self.win_stats: list[LevelStats] = []  # ... and of the zoomed window levels
         self.memory: dict[str, int] = {}
         if (self.calibrated or opts.fd_match == "joint") and self.uses_windows and not self.shares_window_tokens:
-            raise ValueError("support calibration (--map-norm / --input-norm support) and --fd-match joint with LFE "
-                             "windows need --win-encode shared and --use-img-idx 0")  # fmt: skip
+            raise ValueError("support calibration (--map-norm support, or a head trained with --input-norm support) "
+                             "and --fd-match joint with LFE windows need --win-encode shared and --use-img-idx 0; for "
+                             "other windows use --map-norm none --fd-match level")  # fmt: skip
 
     @property
     def calibrated(self) -> bool:
@@ -226,15 +236,11 @@ class FDSLDetector:
         The main branch uses the NAM outputs when `use_nam`; windows the per-token ASL map, refined by NAM when
         `win_use_nam` (the stitched map is not refined again under support calibration).
         """
-        if window:
-            prob = self.head.asl[level](deviation)[:, 1]
-            if self.opts.win_use_nam and self.opts.use_nam:
-                prob = self.head.refine(prob)
-        else:
-            maps = self.head.asl[level](deviation)
-            if self.opts.use_nam and self.head.nam is not None:
-                maps = self.head.nam(maps)
-            prob = maps[:, 1]
+        if not window:
+            return logit(self.head.level_score(level, deviation, self.opts.use_nam))
+        prob = self.head.asl[level](deviation)[:, 1]
+        if self.opts.win_use_nam and self.opts.use_nam:
+            prob = self.head.refine(prob)
         return logit(prob)
 
     @property
@@ -329,7 +335,7 @@ class FDSLDetector:
         if self.opts.map_norm == "support":
             return self._calibrated_maps(deviations, fd_maps, self.stats, window=False)
         if self.opts.fd_weight == 1:  # the ASL term has weight 0: skip the head
-            return _combine(fd_maps, fd_maps, 1.0)
+            return _combine(None, fd_maps, 1.0)
         asl = self.head.score_maps(deviations, self.opts.use_nam)
         return _combine(asl, fd_maps, self.opts.fd_weight)
 
@@ -340,7 +346,7 @@ class FDSLDetector:
         spread), blended as (1 - a) * ASL + a * FD and averaged over levels: map (B, G, G), score (B,)."""
         fd_z = [standardise(fd, st.fd_mean, st.fd_std) for fd, st in zip(fd_maps, stats)]
         if self.opts.fd_weight == 1:
-            return _combine(fd_z, fd_z, 1.0)
+            return _combine(None, fd_z, 1.0)
         asl_z = [
             standardise(self._asl_level(level, dev, window), st.asl_mean, st.asl_std)
             for level, (dev, st) in enumerate(zip(deviations, stats))

@@ -207,10 +207,14 @@ class FDSLHead(nn.Module):
 
     def score_maps(self, deviations: list[torch.Tensor], use_nam: bool = True) -> list[torch.Tensor]:
         """Test output: P(anomalous) per level, (B, h, w); the NAM outputs replace the raw ones when enabled."""
-        maps = self.level_maps(deviations)
+        return [self.level_score(level, d, use_nam) for level, d in enumerate(deviations)]
+
+    def level_score(self, level: int, deviation: torch.Tensor, use_nam: bool = True) -> torch.Tensor:
+        """P(anomalous) of one level's deviation (B, C_l, h, w) -> (B, h, w), through NAM when enabled."""
+        probs = self.asl[level](deviation)
         if use_nam and self.nam is not None:
-            maps = [self.nam(s) for s in maps]
-        return [s[:, 1] for s in maps]
+            probs = self.nam(probs)
+        return probs[:, 1]
 
     def refine(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """NAM on a stitched P(anomalous) map (the LFE branch, original winuseConvRes=1). (B, h, w) -> (B, h, w)."""

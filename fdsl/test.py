@@ -75,6 +75,7 @@ def resolve_test_config(cfg: TestConfig, state: dict) -> TestConfig:
     """
     trained = state["config"]
     backbone = cfg.backbone or state["backbone"]
+    cnn = backbone in CNN_NAMES
     if cfg.use_nam and not state["use_nam"]:
         raise UserError(f"--use-nam 1 but {cfg.checkpoint} was trained without NAM (--use-nam 0)")
     return dataclasses.replace(
@@ -83,12 +84,11 @@ def resolve_test_config(cfg: TestConfig, state: dict) -> TestConfig:
         pretrained=resolve_pretrained(backbone, cfg.pretrained or trained.get("pretrained")),
         image_size=cfg.image_size or trained["image_size"],
         use_nam=int(state["use_nam"]) if cfg.use_nam is None else cfg.use_nam,
-        fd_weight=cfg.fd_weight if cfg.fd_weight is not None else (CNN_FD_WEIGHT if backbone in CNN_NAMES else 0.0),
-        map_norm=cfg.map_norm or (CNN_MAP_NORM if backbone in CNN_NAMES else "none"),
-        fd_match=cfg.fd_match or (CNN_FD_MATCH if backbone in CNN_NAMES else "level"),
-        image_score=cfg.image_score or (CNN_IMAGE_SCORE if backbone in CNN_NAMES else "paper"),
-        smooth_sigma=cfg.smooth_sigma if cfg.smooth_sigma is not None else (
-            CNN_SMOOTH_SIGMA if backbone in CNN_NAMES else 0.0),
+        fd_weight=cfg.fd_weight if cfg.fd_weight is not None else (CNN_FD_WEIGHT if cnn else 0.0),
+        map_norm=cfg.map_norm or (CNN_MAP_NORM if cnn else "none"),
+        fd_match=cfg.fd_match or (CNN_FD_MATCH if cnn else "level"),
+        image_score=cfg.image_score or (CNN_IMAGE_SCORE if cnn else "paper"),
+        smooth_sigma=cfg.smooth_sigma if cfg.smooth_sigma is not None else (CNN_SMOOTH_SIGMA if cnn else 0.0),
     )
 
 
@@ -116,11 +116,6 @@ def build_detector(
     check_encode_mode(cfg.win_encode, backbone.kind)
     if cfg.win_resolution == "zoomed" and cfg.win_mode != "nan" and (cfg.win_encode != "shared" or cfg.use_img_idx):
         raise UserError("--win-resolution zoomed needs --win-encode shared and --use-img-idx 0")
-    calibrated = cfg.map_norm == "support" or trained.get("input_norm") == "support" or cfg.fd_match == "joint"
-    if calibrated and cfg.win_mode != "nan" and (cfg.win_encode != "shared" or cfg.use_img_idx):
-        raise UserError("support calibration (--map-norm support, or a head trained with --input-norm support) and "
-                        "--fd-match joint with LFE windows need --win-encode shared and --use-img-idx 0; for other "
-                        "windows use --map-norm none --fd-match level")  # fmt: skip
     if cfg.win_mode != "nan":
         zoom = cfg.win_zoom if cfg.win_zoom is not None else (CNN_WIN_ZOOM if backbone.kind == "cnn" else 1.0)
         cfg = dataclasses.replace(cfg, win_zoom=zoom)
@@ -154,10 +149,14 @@ def build_detector(
             paths = sample_support(meta, class_name, cfg.k_shot, cfg.seed, draw=1)
             return load_images(cfg.dataset_root, paths, cfg.image_size, backbone.mean, backbone.std).to(device)
 
-    detector = FDSLDetector(
-        backbone, head, opts, geometry, window_support_fn, image_size=cfg.image_size, smooth_sigma=cfg.smooth_sigma,
-        eval_size=cfg.eval_size, score_fusion=minmax_fusion if cfg.image_score == "paper" else None,
-    )  # fmt: skip
+    try:
+        detector = FDSLDetector(
+            backbone, head, opts, geometry, window_support_fn, image_size=cfg.image_size,
+            smooth_sigma=cfg.smooth_sigma, eval_size=cfg.eval_size,
+            score_fusion=minmax_fusion if cfg.image_score == "paper" else None,
+        )  # fmt: skip
+    except ValueError as exc:  # options the detector cannot combine (e.g. calibration with crop-encoded windows)
+        raise UserError(str(exc)) from exc
     return detector, cfg, runtime
 
 

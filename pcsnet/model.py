@@ -217,14 +217,16 @@ class PCSNet(nn.Module):
         return {"features": feats, "knn": knn, "logits": logits}
 
     @torch.no_grad()
-    def set_support_bank(self, support_levels: list[torch.Tensor], chunk: int = 8) -> None:
-        """Keep every adapted support patch (k*G*G, D) for `pfa_bank: support` (eval-mode descriptor)."""
+    def set_support_bank(self, support_levels: list[torch.Tensor], chunk: int = 8) -> torch.Tensor:
+        """Keep every adapted support patch (k*G*G, D) for `pfa_bank: support` (eval-mode descriptor); returns the
+        adapted support features (k, D, G, G) it computed."""
         was_training = self.training
         self.eval()
         k = len(support_levels[0])
         feats = torch.cat([self.descriptor([lv[i : i + chunk] for lv in support_levels]) for i in range(0, k, chunk)])
         self.support_bank = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).contiguous()
         self.train(was_training)
+        return feats
 
     def pfa_knn(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """The distances the fused PFA map uses: to the prototypes (`out["knn"]`, the paper) or, with

@@ -251,9 +251,8 @@ def _set_pfa_scale(model: PCSNet, clean_levels: Levels) -> None:
         out = model(clean_levels)
         model.pfa_scale.fill_(float(model.pfa_map(out["knn"]).amax().clamp_min(1e-6)))
         return
-    model.set_support_bank(clean_levels)
-    k = len(clean_levels[0])
-    feats = model.descriptor(clean_levels)
+    feats = model.set_support_bank(clean_levels)  # (k, D, G, G): the bank's rows, image by image
+    k = len(feats)
     if k == 1:
         peak = model.pfa_map(knn_distances(feats, model.support_bank, model.nn_loss)).amax()
     else:
