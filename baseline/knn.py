@@ -13,14 +13,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from common import config
 from common.anomaly_map import GAUSSIAN_SIGMA
-from common.backbones import align_features, build_backbone, resolve_image_size
+from common.backbones import build_backbone, resolve_image_size
 from common.contract import DetectorOutput, require_setup
 from common.evaluation import DEFAULT_REPORT_IMAGES, report_images_option
 from common.memory_bank import MemoryBank
+from common.patch_knn import knn_embed
 from common.utils import PRECISIONS, UserError, cli_entry, parse_int_list, set_seed
 
 _opt = config.option
@@ -44,6 +44,8 @@ class KNNConfig:
                            choices=("auto", "torch", "faiss"))  # fmt: skip
     coreset: float = _opt(1.0, "fraction of support patches kept in the bank, greedy k-center as PatchCore (1.0 = all, "
                           "exact)")  # fmt: skip
+    smooth_sigma: float = _opt(GAUSSIAN_SIGMA, "gaussian sigma (px) on the upsampled map before the metrics and the "
+                               "image score, its maximum (PatchCore: 4)")  # fmt: skip
     batch_size: int = _opt(16, "test batch size")
     num_workers: int | None = _opt(None, "DataLoader workers decoding test images (default: 0 on CPU, up to 4 on CUDA)")
     device: str = _opt("cpu", "cpu, a CUDA index (0) or cuda:N")
@@ -94,10 +96,7 @@ class KNNDetector(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, h, w, C) locally pooled, level-concatenated patch features."""
-        features = self.backbone(images).features
-        if self.pool > 1:
-            features = [F.avg_pool2d(f, self.pool, stride=1, padding=self.pool // 2) for f in features]
-        return torch.cat(align_features(features), dim=1).permute(0, 2, 3, 1).float()
+        return knn_embed(self.backbone(images).features, self.pool)
 
     @torch.inference_mode()
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
@@ -120,6 +119,8 @@ class KNNDetector(nn.Module):
 
 
 def check_config(cfg: KNNConfig) -> None:
+    if cfg.smooth_sigma < 0:
+        raise UserError(f"--smooth-sigma must be >= 0 (got {cfg.smooth_sigma:g})")
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
     if not 0.0 < cfg.coreset <= 1.0:
@@ -144,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     def build(device: torch.device, meta: dict) -> KNNDetector:
         set_seed(cfg.seed)
         backbone = build_backbone(cfg.backbone, cfg.pretrained, layers, device, precision=cfg.precision)
-        return KNNDetector(backbone, cfg.metric, nn_backend=cfg.nn_backend, coreset=cfg.coreset,
-                           image_size=cfg.image_size)  # fmt: skip
+        detector = KNNDetector(backbone, cfg.metric, nn_backend=cfg.nn_backend, coreset=cfg.coreset,
+                               image_size=cfg.image_size)  # fmt: skip
+        detector.smooth_sigma = float(cfg.smooth_sigma)
+        return detector
 
     request = request_from(cfg, "knn", class_names=classes, progress=bool(cfg.progress), resume=bool(cfg.resume),
                            vis_dir=f"{cfg.save_dir}/vis" if cfg.vis else None,

@@ -16,6 +16,7 @@ from common.anomaly_map import upsample_map
 from common.backbones import Backbone
 from common.contract import DetectorOutput, ScoreFusion, require_setup
 from common.memory_bank import greedy_coreset
+from common.patch_knn import SupportKNN
 from fdsl.calibration import LevelStats, leave_one_out, level_stats, logit, standardise
 from fdsl.model import ASL_HIDDEN, FDSLHead, discrepancies, extract_levels, feature_discrepancy, flatten_tokens
 from fdsl.windows import (
@@ -56,6 +57,9 @@ class DetectorOptions:
     input_norm: str = "none"
     fd_match: str = "level"  # `joint` (ours): one nearest reference patch for all levels (fdsl.model.joint_discrepancy)
     signed: bool = False  # deviation f - n instead of |f - n| (original useAbs=0)
+    # b (ours, needs map_norm `support`): final map = (1 - b) * FDSL's map + b * the kNN baseline's distance map
+    # (common/patch_knn.py, from the same backbone pass) in units of its normal spread on the support; 0 = off
+    knn_weight: float = 0.0
     score_from_map: bool = False  # image score = max of the post-processed final map (None to the evaluator)
     feature_pool: int = 1  # local average pooling before FD; must be the checkpoint's (fdsl.model.extract_levels)
     chunk_size: int = 4096  # query rows per similarity matmul
@@ -202,6 +206,11 @@ class FDSLDetector:
         self.stats: list[LevelStats] = []  # support calibration of the main levels (fdsl/calibration.py)
         self.win_stats: list[LevelStats] = []  # ... and of the zoomed window levels
         self.memory: dict[str, int] = {}
+        self.knn: SupportKNN | None = None  # the kNN term's bank and normal spread (knn_weight > 0)
+        if not 0.0 <= opts.knn_weight <= 1.0:
+            raise ValueError(f"knn_weight must be in [0, 1], got {opts.knn_weight}")
+        if opts.knn_weight > 0 and opts.map_norm != "support":
+            raise ValueError("--knn-weight > 0 blends z-scores: it needs --map-norm support")
         if (self.calibrated or opts.fd_match == "joint") and self.uses_windows and not self.shares_window_tokens:
             raise ValueError("support calibration (--map-norm support, or a head trained with --input-norm support) "
                              "and --fd-match joint with LFE windows need --win-encode shared and --use-img-idx 0; for "
@@ -260,18 +269,28 @@ class FDSLDetector:
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) -> per-level normalised features (B, C_l, G, G) on the finest level's grid."""
-        features = []
+        return self._encode(images)[0]
+
+    def _encode(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """`encode`, and the raw backbone levels too when the kNN term needs them (else [])."""
+        features, raw = [], []
         for start in range(0, images.shape[0], self.opts.encode_batch):
             out = self.backbone(images[start : start + self.opts.encode_batch])
             features.append(extract_levels(out.features, self.opts.feature_pool))
-        return [torch.cat([f[i] for f in features]) for i in range(len(features[0]))]
+            if self.opts.knn_weight > 0:
+                raw.append(out.features)
+        levels = [torch.cat([f[i] for f in features]) for i in range(len(features[0]))]
+        return levels, [torch.cat([f[i] for f in raw]) for i in range(len(raw[0]))] if raw else []
 
     @torch.inference_mode()
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
         """Build this class's banks from the k support images (k, 3, S, S); the previous class's are dropped."""
         self.bank, self.win_bank, self.win_keys = [], [], None  # free the previous class first
-        support = self.encode(support_images)
+        self.knn = None
+        support, raw = self._encode(support_images)
         self.bank = self._reduce([flatten_tokens(f) for f in support])  # M_l: (k*G*G, C)
+        if raw:
+            self.knn = SupportKNN().fit(raw)
         self.stats = self._calibrate(support) if self.calibrated else []
         self.win_stats = []
         if self.uses_windows:
@@ -314,6 +333,8 @@ class FDSLDetector:
             return sum(t.numel() * t.element_size() for t in tensors)
 
         report = {"main_bank_bytes": nbytes(self.bank)}
+        if self.knn is not None:
+            report["knn_bank_bytes"] = self.knn.bank.nbytes
         if self.uses_windows:
             report["window_bank_bytes"] = nbytes(self.win_bank)
             report["window_key_bytes"] = nbytes([self.win_keys]) if self.win_keys is not None else 0
@@ -324,11 +345,12 @@ class FDSLDetector:
             report["window_searched_bytes"] = per_window
         return report
 
-    def _main_branch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """FD -> ASL (-> NAM) on the whole image: map (B, G, G), score (B,)."""
+    def _main_branch(self, images: torch.Tensor, levels: list[torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """FD -> ASL (-> NAM) on the whole image (or its `encode`d levels): map (B, G, G), score (B,)."""
         deviations, fd_maps = [], []
-        results = discrepancies(self.encode(images), self.bank, self.opts.fd_match, self.opts.signed,
-                                self.opts.chunk_size)  # fmt: skip
+        levels = self.encode(images) if levels is None else levels
+        results = discrepancies(levels, self.bank, self.opts.fd_match, self.opts.signed, self.opts.chunk_size)
         for level, (dev, max_cos) in enumerate(results):
             deviations.append(self._scaled(dev, self.stats[level] if self.stats else None))
             fd_maps.append(1.0 - max_cos)
@@ -448,9 +470,23 @@ class FDSLDetector:
 
     def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         require_setup(bool(self.bank), type(self).__name__)
+        b = self.opts.knn_weight
+        if b == 0:
+            return self._fdsl(images)
+        levels, raw = self._encode(images)
+        score, fdsl_map = self._fdsl(images, levels)
+        knn_map = self.knn.zscores(raw)  # (B, G, G) on the main grid
+        if knn_map.shape[-1] != fdsl_map.shape[-1]:  # zoomed window maps: the kNN map joins them at G'
+            knn_map = F.interpolate(knn_map[:, None], size=fdsl_map.shape[-2:], mode="bilinear",
+                                    align_corners=False)[:, 0]  # fmt: skip
+        return (1 - b) * score + b * knn_map.flatten(1).amax(1), (1 - b) * fdsl_map + b * knn_map
+
+    def _fdsl(self, images: torch.Tensor, levels: list[torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """FDSL's own score (B,) and map (main, window or blended branch); `levels` = `encode(images)` if known."""
         mode, w = self.opts.win_mode, self.opts.win_weight
         if mode != "onlywin":
-            main_map, main_score = self._main_branch(images)
+            main_map, main_score = self._main_branch(images, levels)
             if mode == "nan":
                 return main_score, main_map
         # LFE on as many images at once as `window_batch_bytes` allows (one at a time for ViT-L's 169 windows).

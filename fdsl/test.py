@@ -27,6 +27,7 @@ from fdsl.config import (
     CNN_FD_MATCH,
     CNN_FD_WEIGHT,
     CNN_IMAGE_SCORE,
+    CNN_KNN_WEIGHT,
     CNN_MAP_NORM,
     CNN_SMOOTH_SIGMA,
     TestConfig,
@@ -78,7 +79,7 @@ def resolve_test_config(cfg: TestConfig, state: dict) -> TestConfig:
     cnn = backbone in CNN_NAMES
     if cfg.use_nam and not state["use_nam"]:
         raise UserError(f"--use-nam 1 but {cfg.checkpoint} was trained without NAM (--use-nam 0)")
-    return dataclasses.replace(
+    cfg = dataclasses.replace(
         cfg,
         backbone=backbone,
         pretrained=resolve_pretrained(backbone, cfg.pretrained or trained.get("pretrained")),
@@ -90,6 +91,13 @@ def resolve_test_config(cfg: TestConfig, state: dict) -> TestConfig:
         image_score=cfg.image_score or (CNN_IMAGE_SCORE if cnn else "paper"),
         smooth_sigma=cfg.smooth_sigma if cfg.smooth_sigma is not None else (CNN_SMOOTH_SIGMA if cnn else 0.0),
     )
+    if cfg.knn_weight is None:  # the kNN term blends z-scores: on by default only where the maps are standardised
+        cfg = dataclasses.replace(cfg, knn_weight=CNN_KNN_WEIGHT if cnn and cfg.map_norm == "support" else 0.0)
+    elif cfg.knn_weight > 0 and cfg.map_norm != "support":
+        raise UserError(f"--knn-weight {cfg.knn_weight:g} needs --map-norm support (it blends z-scores)")
+    elif not 0.0 <= cfg.knn_weight <= 1.0:
+        raise UserError(f"--knn-weight must be in [0, 1] (got {cfg.knn_weight:g})")
+    return cfg
 
 
 def build_detector(
@@ -135,6 +143,7 @@ def build_detector(
         fd_weight=cfg.fd_weight,
         map_norm=cfg.map_norm,
         fd_match=cfg.fd_match,
+        knn_weight=cfg.knn_weight,
         input_norm=trained.get("input_norm") or "none",  # checkpoints from before the option: none
         signed=bool(trained.get("signed", 0)),
         feature_pool=int(trained.get("feature_pool") or 1),
@@ -169,6 +178,7 @@ def results_extra(cfg: TestConfig, state: dict, runtime: dict) -> dict:
         "fd_weight": cfg.fd_weight,
         "map_norm": cfg.map_norm,
         "fd_match": cfg.fd_match,
+        "knn_weight": cfg.knn_weight,
         "input_norm": state["config"].get("input_norm") or "none",
         "coreset": cfg.coreset,
         "smooth_sigma": cfg.smooth_sigma,

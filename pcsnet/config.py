@@ -106,6 +106,9 @@ class PCSNetConfig:
                          "the adapted support, as the paper's PFA) | support (every adapted support patch; ours)",
                          choices=("prototypes", "support"))  # fmt: skip
     fuse_pfa: float = _opt(1.0, "weight x the support-normalised PFA distance map added to the CAS map (paper 0)")
+    knn_weight: float = _opt(0.5, "weight x the kNN baseline's distance map (3 x 3 pooled levels 2 and 3, euclidean, "
+                             "same backbone pass; common/patch_knn.py), normalised by its leave-one-out maximum on "
+                             "the support, added to the map (ours, chosen on the dev benchmark; paper 0)")  # fmt: skip
     smooth_sigma: float = _opt(4.0, "gaussian sigma on the map before the image score, its max (paper 4)")
     test_batch_size: int = _opt(8, "test batch size")
     num_workers: int | None = _opt(None, "DataLoader workers decoding test images; None = 0 on CPU, CPUs - 1 (<= 4) "
@@ -157,6 +160,7 @@ class PCSNetConfig:
             ),
             (len(self.loss_weights) == 4, "loss_weights needs 4 values (NFC, AFS, PDC, SEG)"),
             (self.nn_loss >= 1, "nn_loss must be >= 1"),
+            (self.knn_weight >= 0, f"knn_weight must be >= 0, got {self.knn_weight}"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
             (
                 self.resize_size in (None, "auto") or _int_at_least(self.resize_size, self.image_size),

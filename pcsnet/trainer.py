@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.anomaly_map import upsample_map
-from common.backbones import Backbone
+from common.backbones import DEFAULT_CNN_LAYERS, Backbone
 from common.contract import DetectorOutput, require_setup
+from common.patch_knn import SupportKNN
 from common.utils import UserError, atomic_torch_save
 from data.dataset import center_crop
 from pcsnet.config import PCSNetConfig, config_to_dict, load_config
@@ -265,6 +266,13 @@ def _set_pfa_scale(model: PCSNet, clean_levels: Levels) -> None:
     model.pfa_scale.fill_(float(peak.clamp_min(1e-6)))
 
 
+def knn_level_positions(backbone: str, layers: tuple[int, ...]) -> list[int]:
+    """Positions in PCSNet's `layers` of the kNN baseline's levels for this backbone (lite0: levels 2, 3 of 1-3), so
+    `knn_weight` adds the same map as `python -m baseline.knn`; all levels when none of them is there."""
+    wanted = DEFAULT_CNN_LAYERS.get(backbone, ())
+    return [i for i, level in enumerate(layers) if level in wanted] or list(range(len(layers)))
+
+
 class PCSNetDetector:
     """PCSNet under the detector contract (common/contract.py): `setup` trains the class model, `predict` scores.
 
@@ -299,6 +307,8 @@ class PCSNetDetector:
         # input and post-processing spec (common/contract.py)
         self.mean, self.std, self.image_size = backbone.mean, backbone.std, int(cfg.image_size)
         self.smooth_sigma, self.eval_size, self.score_fusion = float(cfg.smooth_sigma), None, None
+        self.knn: SupportKNN | None = None  # the kNN term of the class set up (cfg.knn_weight > 0)
+        self.knn_levels = knn_level_positions(cfg.backbone, tuple(cfg.layers))
 
     def report(self) -> dict:
         """The class last set up: its training seconds, final losses and, with an `on_eval` hook that keeps `evals`,
@@ -318,6 +328,13 @@ class PCSNetDetector:
         hook = None if self.on_eval is None else lambda epoch, model: self.on_eval(class_name, epoch, model)
         self.model, history = train_class(self.backbone, self.cfg, class_name, support_images, self.seed, self.progress,
                                           on_eval=hook)  # fmt: skip
+        self.knn = None
+        if self.cfg.knn_weight > 0:  # the support's kNN bank and its leave-one-out normal maps (no training)
+            size = self.cfg.image_size
+            crop = size if self.cfg.resolved_resize() and support_images.shape[-1] > size else None  # as train_class
+            with torch.no_grad():
+                levels = extract_levels(self.backbone, center_crop(support_images, crop).contiguous())
+                self.knn = SupportKNN().fit([levels[i] for i in self.knn_levels])
         self.train_seconds[class_name] = time.perf_counter() - start
         self.histories[class_name] = history
         if self.save_dir is not None and self.cfg.save_checkpoints:
@@ -335,11 +352,15 @@ class PCSNetDetector:
         """
         require_setup(self.model is not None, type(self).__name__)
         size = images.shape[-1]
-        out = self.model(extract_levels(self.backbone, images, chunk=len(images)), out_size=size)
+        levels = extract_levels(self.backbone, images, chunk=len(images))
+        out = self.model(levels, out_size=size)
         anomaly_map = out["logits"][:, 0]
         if self.cfg.fuse_pfa:
             pfa = self.model.pfa_map(self.model.pfa_knn(out))
             anomaly_map = anomaly_map + self.cfg.fuse_pfa * upsample_map(pfa, size)
+        if self.knn is not None:
+            knn = self.knn.distances([levels[i] for i in self.knn_levels]) / self.knn.max
+            anomaly_map = anomaly_map + self.cfg.knn_weight * upsample_map(knn, size)
         return DetectorOutput(None, anomaly_map)
 
 

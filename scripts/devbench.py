@@ -37,16 +37,23 @@ REPO = Path(__file__).resolve().parents[1]
 BACKBONE = "efficientnet_lite0"
 DEFAULT_VARIANTS = {  # name -> METHOD:ARGS
     "knn": "knn:",
-    # the command's defaults (CNN: joint FD, support-standardised FD and ASL maps, 0.8 FD + 0.2 ASL, map score)
+    "knn_s2": "knn:--smooth-sigma 2",  # kNN with FDSL's CNN smoothing (sigma 2 instead of PatchCore's 4)
+    # the command's defaults (CNN: joint FD, support-standardised FD and ASL maps, 0.8 FD + 0.2 ASL, 0.25 kNN map,
+    # map score)
     "fdsl": "fdsl:",
-    "fdsl_asl": "fdsl:--fd-weight 0",  # the learned ASL (+ NAM) map alone, standardised as the default
-    "fdsl_fd": "fdsl:--fd-weight 1",  # FDSL's training-free part: the (standardised) FD map alone
+    "fdsl_asl": "fdsl:--fd-weight 0 --knn-weight 0",  # the learned ASL (+ NAM) map alone, standardised as the default
+    # FDSL's training-free part: the standardised FD map with the default's kNN term, no head
+    "fdsl_fd": "fdsl:--fd-weight 1",
+    "fdsl_fdonly": "fdsl:--fd-weight 1 --knn-weight 0",  # the FD map alone
+    "fdsl_noknn": "fdsl:--knn-weight 0",  # the session-5 default: FD + ASL, no kNN term
     # the paper's FD and fusion on a CNN: per-level matching, raw maps, the ASL map alone, transductive score
     "fdsl_paper": "fdsl:--fd-match level --map-norm none --fd-weight 0 --image-score paper --smooth-sigma 0",
     "pcsnet": "pcsnet:",
-    # PCSNet's training-free part, the PFA map alone: CAS (a probability in [0, 1]) next to 1000 x the PFA map
-    # (normalised to ~1 on the support) changes no ranking of consequence
-    "pcsnet_pfa": "pcsnet:--fuse-pfa 1000",
+    # PCSNet's training-free part: CAS (a probability in [0, 1]) next to 1000 x (the PFA map, normalised to ~1 on the
+    # support, + 0.5 x the kNN term) changes no ranking of consequence
+    "pcsnet_free": "pcsnet:--fuse-pfa 1000 --knn-weight 500",
+    "pcsnet_pfa": "pcsnet:--fuse-pfa 1000 --knn-weight 0",  # the PFA map alone
+    "pcsnet_noknn": "pcsnet:--knn-weight 0",  # the session-5 default: CAS + PFA, no kNN term
 }
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 HEAD_EPOCHS = 3

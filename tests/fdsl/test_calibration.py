@@ -213,3 +213,39 @@ def test_joint_calibration_and_coreset_keep_the_levels_aligned():
     rows = [torch.cdist(det.bank[lv], full[lv]).argmin(1) for lv in range(2)]
     assert det.bank[0].shape[0] == det.bank[1].shape[0] < full[0].shape[0]
     assert torch.equal(rows[0], rows[1])  # the same patches kept on both levels
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("k", [1, 3])
+def test_knn_weight_blends_the_knn_baseline_z_map_by_hand(k):
+    """`--knn-weight b`: map = (1 - b) * FDSL's calibrated map + b * (d - mean) / std, where d is the euclidean
+    distance of the 3 x 3 pooled patch to its nearest support patch and mean / std come from the support scored
+    leave-one-out; the score blends the same way with the kNN map's maximum."""
+    from common.patch_knn import knn_embed
+
+    support, queries = _images(k, 1), _images(2, 5)
+    plain = FDSLDetector(TwoLevels(), FDSLHead([3, 3]).eval(), DetectorOptions(map_norm="support", fd_weight=0.8))
+    blend = FDSLDetector(TwoLevels(), plain.head, DetectorOptions(map_norm="support", fd_weight=0.8, knn_weight=0.25))
+    plain.setup("c", support)
+    blend.setup("c", support)
+    emb_s, emb_q = knn_embed(TwoLevels()(support).features), knn_embed(TwoLevels()(queries).features)
+    g = emb_s.shape[1]
+    if k == 1:  # its own patches more than 2 cells away
+        cells = [(y, x) for y in range(g) for x in range(g)]
+        normal = torch.tensor([min(float((emb_s[0, y, x] - emb_s[0, v, u]).norm()) for v, u in cells
+                                   if max(abs(v - y), abs(u - x)) > 2) for y, x in cells])  # fmt: skip
+    else:
+        normal = torch.tensor([
+            min(float((emb_s[i, y, x] - emb_s[j, v, u]).norm()) for j in range(k) if j != i
+                for v in range(g) for u in range(g))
+            for i in range(k) for y in range(g) for x in range(g)])  # fmt: skip
+    bank = emb_s.reshape(-1, emb_s.shape[-1])
+    d = torch.cdist(emb_q.reshape(-1, bank.shape[1]), bank).min(1).values.reshape(2, g, g)
+    z = (d - normal.mean()) / normal.std(unbiased=False)
+    score0, map0 = plain.predict(queries)
+    score, amap = blend.predict(queries)
+    assert torch.allclose(amap, 0.75 * map0 + 0.25 * z, atol=1e-3)
+    assert torch.allclose(score, 0.75 * score0 + 0.25 * z.flatten(1).amax(1), atol=1e-3)
+    assert (amap - map0).abs().max() > 0.05  # the term changes the map: the check can fail
+    with pytest.raises(ValueError, match="map-norm support"):
+        FDSLDetector(TwoLevels(), plain.head, DetectorOptions(map_norm="none", knn_weight=0.25))

@@ -222,7 +222,7 @@ def test_shipped_head_is_the_default_and_the_cnn_defaults_are_recorded(trees, tm
     import torch
 
     from fdsl.checkpoint import SHIPPED_HEAD, load_checkpoint, strip_checkpoint
-    from fdsl.config import CNN_FD_MATCH, CNN_FD_WEIGHT, CNN_MAP_NORM, CNN_SMOOTH_SIGMA
+    from fdsl.config import CNN_FD_MATCH, CNN_FD_WEIGHT, CNN_KNN_WEIGHT, CNN_MAP_NORM, CNN_SMOOTH_SIGMA
 
     _, test_root, base = trees
     out = tmp_path / "shipped"
@@ -234,6 +234,7 @@ def test_shipped_head_is_the_default_and_the_cnn_defaults_are_recorded(trees, tm
     assert (results["fd_match"], results["map_norm"], results["fd_weight"]) == (CNN_FD_MATCH, CNN_MAP_NORM,
                                                                                CNN_FD_WEIGHT)  # fmt: skip
     assert results["image_score"].startswith("map") and results["smooth_sigma"] == CNN_SMOOTH_SIGMA
+    assert results["knn_weight"] == CNN_KNN_WEIGHT and results["bank_bytes"]["knn_bank_bytes"] > 0
     shipped = load_checkpoint(SHIPPED_HEAD)
     assert "resume" not in shipped and shipped["config"]["fd_match"] == "joint"  # trained as it is tested
     ckpt = _train(test_root, base / "strip_src", "efficientnet_lite0")

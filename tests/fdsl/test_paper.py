@@ -162,6 +162,7 @@ def test_paper_configs_switch_our_changes_off():
     assert (paper.map_align_corners, paper.win_use_nam, paper.img_idx_match, paper.fd_weight) == (1, 1, "pooled", 0)
     assert (paper.image_score, paper.legacy_second_draw, paper.coreset, paper.precision) == ("paper", 0, 1.0, "auto")
     assert (paper.fd_match, paper.map_norm, paper.smooth_sigma) == ("level", "none", 0.0)  # whatever the backbone
+    assert paper.knn_weight == 0.0
     assert resolve_config(fdsl_config.TestConfig, test_parser, args).map_align_corners == 0  # ours: unchanged
 
 

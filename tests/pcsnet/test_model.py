@@ -114,6 +114,7 @@ def test_config_precedence(tmp_path):
 def test_paper_yaml_loads():
     cfg = load_config("configs/pcsnet/paper.yaml")
     assert cfg.backbone == "wide_resnet50_2" and cfg.cas_width == 896 and cfg.resolved_grid() == 64
+    assert (cfg.fuse_pfa, cfg.knn_weight, cfg.pseudo_anomalies) == (0.0, 0.0, "nsa")  # CAS map only, as the paper
     model_cfg = PCSNetConfig(image_size=224, grid_size=64)
     assert model_cfg.scaled(200, 64) == 200 and model_cfg.scaled(200, 32) == 50
 

@@ -140,3 +140,35 @@ def test_support_bank_pfa_map_is_the_3nn_to_every_adapted_support_patch_by_hand(
     assert model2.support_bank.shape == (k * grid**2, feats.shape[1])
     detector.model = model2
     assert torch.allclose(detector.predict(images)[1], amap)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_knn_weight_adds_the_knn_baseline_map_over_its_support_maximum_by_hand(k):
+    """`knn_weight w`: the map gains w x (euclidean distance of the 3 x 3 pooled levels 2 and 3 to the nearest
+    support patch) / (the largest such distance of a support image against the other k - 1; k = 1: its own patches
+    more than 2 cells away), upsampled bilinearly; training is unchanged (same seed: same CAS and PFA maps)."""
+    from common.anomaly_map import upsample_map
+    from common.patch_knn import knn_embed
+    from pcsnet.trainer import extract_levels
+
+    backbone, sup, images = ToyBackbone(), support(k), support(4)[:3]
+    plain = PCSNetDetector(backbone, cfg(knn_weight=0.0), seed=1, progress=False)
+    blend = PCSNetDetector(backbone, cfg(knn_weight=0.5), seed=1, progress=False)
+    plain.setup("c", sup)
+    blend.setup("c", sup)
+    with torch.no_grad():
+        emb_s = knn_embed(extract_levels(backbone, sup)[1:])  # levels 2 and 3 of 1-3 (lite0: the kNN baseline's)
+        emb_q = knn_embed(extract_levels(backbone, images)[1:])
+    g, c = emb_s.shape[1], emb_s.shape[-1]
+    cells = [(y, x) for y in range(g) for x in range(g)]
+    if k == 1:  # on this 4 x 4 grid the inner cells have no patch more than 2 cells away: they do not count
+        far = {(y, x): [(v, u) for v, u in cells if max(abs(v - y), abs(u - x)) > 2] for y, x in cells}
+        peak = max(min(float((emb_s[0, y, x] - emb_s[0, v, u]).norm()) for v, u in far[y, x])
+                   for y, x in cells if far[y, x])  # fmt: skip
+    else:
+        peak = max(min(float((emb_s[i, y, x] - emb_s[j, v, u]).norm()) for j in range(k) if j != i for v, u in cells)
+                   for i in range(k) for y, x in cells)  # fmt: skip
+    d = torch.cdist(emb_q.reshape(-1, c), emb_s.reshape(-1, c)).min(1).values.reshape(3, g, g)
+    expected = plain.predict(images)[1] + 0.5 * upsample_map(d / peak, SIZE)
+    assert torch.allclose(blend.predict(images)[1], expected, rtol=1e-4, atol=1e-4)
+    assert (expected - plain.predict(images)[1]).abs().max() > 0.05

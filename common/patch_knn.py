@@ -1,0 +1,94 @@
+"""The kNN baseline's patch distance, as a building block: the baseline itself and a term other methods add.
+
+A patch is described by its backbone levels, each averaged over its 3 x 3 neighbourhood (PatchCore's local
+aggregation) and concatenated on the finest level's grid; its anomaly score is the euclidean distance to the nearest
+support patch. `baseline.knn.KNNDetector` is exactly this. FDSL (`--knn-weight`) and PCSNet (`knn_weight`) can add
+the same distance map, computed from the backbone pass they already run, to their own maps; they need it in units of
+the normal spread, so `SupportKNN` also scores every support image leave-one-out against the others (k = 1: against
+its own patches outside a small neighbourhood, as FDSL's support calibration), without looking at a test image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common.backbones import align_features
+from common.memory_bank import MemoryBank
+
+KNN_POOL = 3  # PatchCore's neighbourhood
+SELF_EXCLUDE_RADIUS = 2  # k = 1: patches closer than this many cells (Chebyshev) are not a support patch's "normal"
+EPS = 1e-6
+
+
+def knn_embed(features: list[torch.Tensor], pool: int = KNN_POOL) -> torch.Tensor:
+    """Backbone levels [(B, C_l, h_l, w_l)] -> (B, h, w, sum C_l): 3 x 3 averaged (zero padding, as PatchCore's
+    reference code), aligned to the finest level's grid, concatenated along channels."""
+    if pool > 1:
+        features = [F.avg_pool2d(f, pool, stride=1, padding=pool // 2) for f in features]
+    return torch.cat(align_features(features), dim=1).permute(0, 2, 3, 1).float()
+
+
+def self_nearest_distance(embedding: torch.Tensor, radius: int = SELF_EXCLUDE_RADIUS) -> torch.Tensor:
+    """(h, w, C) one image's patches -> (h, w) euclidean distance of each to the nearest of its own patches more
+    than `radius` cells away."""
+    h, w, c = embedding.shape
+    tokens = embedding.reshape(-1, c).float()
+    dist = torch.cdist(tokens, tokens)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.flatten().to(tokens.device), xs.flatten().to(tokens.device)
+    near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
+    return dist.masked_fill(near, float("inf")).min(dim=1).values.reshape(h, w)
+
+
+class SupportKNN:
+    """The kNN distance map of one class, with the normal spread of that distance on the support.
+
+    Args:
+        pool: neighbourhood side of `knn_embed`.
+        backend: nearest-neighbour backend of `common.memory_bank` (`auto`: faiss on CPU).
+
+    After `fit`: `normal` (k, h, w) the leave-one-out distance maps of the support, and `mean`, `std`, `max` of them.
+    """
+
+    def __init__(self, pool: int = KNN_POOL, backend: str = "auto") -> None:
+        self.pool, self.backend = pool, backend
+        self.bank = MemoryBank(metric="l2", backend=backend)
+        self.normal: torch.Tensor | None = None
+        self.mean = self.std = self.max = 0.0
+
+    def fit(self, features: list[torch.Tensor]) -> SupportKNN:
+        """Bank of the k support images' patches from their backbone levels [(k, C_l, h_l, w_l)], and their
+        leave-one-out normal maps."""
+        emb = knn_embed(features, self.pool)  # (k, h, w, C)
+        self.bank.fit(emb.flatten(0, 2))
+        self.normal = self.leave_one_out(emb)
+        values = self.normal[torch.isfinite(self.normal)]  # k = 1 on a grid of <= 5 cells: some have no far patch
+        if values.numel() == 0:
+            values = torch.zeros(1)
+        self.mean = float(values.mean())
+        self.std = float(values.std(unbiased=False).clamp_min(EPS))
+        self.max = float(values.max().clamp_min(EPS))
+        return self
+
+    def leave_one_out(self, emb: torch.Tensor) -> torch.Tensor:
+        """(k, h, w, C) support embeddings -> (k, h, w): each image's distances to the other k - 1 images' patches
+        (k = 1: `self_nearest_distance`)."""
+        k, h, w, c = emb.shape
+        if k == 1:
+            return self_nearest_distance(emb[0])[None]
+        maps = []
+        for i in range(k):
+            rest = MemoryBank(metric="l2", backend=self.backend).fit(torch.cat([emb[:i], emb[i + 1 :]]).flatten(0, 2))
+            maps.append(rest.search(emb[i].reshape(-1, c), k=1)[0].reshape(h, w))
+        return torch.stack(maps)
+
+    def distances(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Backbone levels of B query images -> (B, h, w) distance of each patch to its nearest support patch."""
+        emb = knn_embed(features, self.pool)
+        b, h, w, c = emb.shape
+        return self.bank.search(emb.reshape(-1, c), k=1)[0].reshape(b, h, w)
+
+    def zscores(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """`distances` in units of the support's normal spread: (d - mean) / std."""
+        return (self.distances(features) - self.mean) / self.std
