@@ -159,7 +159,8 @@ class TestConfig:
     win_resolution: str = _opt(
         "grid",
         "LFE window map: grid = each window resized back to the main grid (the original's geometry); zoomed = kept at "
-        "the zoomed grid (ours, --win-encode shared only: the windows add resolution for small defects)",
+        "the zoomed grid, the images read at zoom x --image-size px for the windows and downsampled for the main "
+        "branch (ours, --win-encode shared only: the windows add resolution for small defects)",
         choices=("grid", "zoomed"),
     )
     use_nam: int | None = _opt(None, "use the NAM outputs (default: as trained)", choices=(0, 1))

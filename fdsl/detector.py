@@ -196,7 +196,10 @@ class FDSLDetector:
         self.backbone, self.head, self.opts, self.geometry = backbone, head.eval(), opts, geometry
         self.window_support_fn = window_support_fn
         self.mean, self.std = backbone.mean, backbone.std  # input spec (common/contract.py)
-        self.image_size = int(image_size or backbone.default_image_size)
+        self.main_size = int(image_size or backbone.default_image_size)  # S: the main branch's input side
+        # Input spec: S, or zoom x S with zoomed shared windows, so the windows read the zoomed pixels from the image
+        # file (a small defect keeps its detail) instead of upsampling the S x S input; the main branch resizes down.
+        self.image_size = geometry.shared_px if self.reads_zoomed_input else self.main_size
         self.smooth_sigma, self.eval_size, self.score_fusion = float(smooth_sigma), eval_size, score_fusion
         device = next(head.parameters()).device
         self.bank_dtype = torch.float16 if device.type == "cuda" else torch.float32  # fp16 banks on GPU
@@ -267,6 +270,18 @@ class FDSLDetector:
         """
         return self.uses_windows and self.geometry.encode == "shared" and not self.opts.use_img_idx
 
+    @property
+    def reads_zoomed_input(self) -> bool:
+        """`--win-resolution zoomed` with shared windows: inputs arrive at geometry.shared_px (see __init__)."""
+        return self.shares_window_tokens and self.opts.win_resolution == "zoomed"
+
+    def _main_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The images at the main branch's side S (antialiased downsampling of zoomed inputs; else unchanged)."""
+        if images.shape[-1] == self.main_size:
+            return images
+        size = (self.main_size, self.main_size)
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) -> per-level normalised features (B, C_l, G, G) on the finest level's grid."""
         return self._encode(images)[0]
@@ -287,7 +302,7 @@ class FDSLDetector:
         """Build this class's banks from the k support images (k, 3, S, S); the previous class's are dropped."""
         self.bank, self.win_bank, self.win_keys = [], [], None  # free the previous class first
         self.knn = None
-        support, raw = self._encode(support_images)
+        support, raw = self._encode(self._main_input(support_images))
         self.bank = self._reduce([flatten_tokens(f) for f in support])  # M_l: (k*G*G, C)
         if raw:
             self.knn = SupportKNN().fit(raw)
@@ -349,7 +364,7 @@ class FDSLDetector:
                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """FD -> ASL (-> NAM) on the whole image (or its `encode`d levels): map (B, G, G), score (B,)."""
         deviations, fd_maps = [], []
-        levels = self.encode(images) if levels is None else levels
+        levels = self.encode(self._main_input(images)) if levels is None else levels
         results = discrepancies(levels, self.bank, self.opts.fd_match, self.opts.signed, self.opts.chunk_size)
         for level, (dev, max_cos) in enumerate(results):
             deviations.append(self._scaled(dev, self.stats[level] if self.stats else None))
@@ -473,7 +488,7 @@ class FDSLDetector:
         b = self.opts.knn_weight
         if b == 0:
             return self._fdsl(images)
-        levels, raw = self._encode(images)
+        levels, raw = self._encode(self._main_input(images))
         score, fdsl_map = self._fdsl(images, levels)
         knn_map = self.knn.zscores(raw)  # (B, G, G) on the main grid
         if knn_map.shape[-1] != fdsl_map.shape[-1]:  # zoomed window maps: the kNN map joins them at G'

@@ -220,3 +220,31 @@ def test_zoomed_window_resolution_keeps_the_zoomed_grid():
         mul = FDSLDetector(TinyCNN(), head, DetectorOptions(win_mode="mul", win_resolution="zoomed"), geom)
         mul.setup("c", support)
         assert mul.predict(images)[1].shape == (2, 20, 20)  # the main map joins the windows at the zoomed grid
+
+
+@torch.no_grad()
+def test_zoomed_windows_read_the_zoomed_pixels_and_the_main_branch_resizes_down():
+    """With zoomed shared windows the detector asks for zoom x S inputs (its image_size): the windows encode those
+    pixels as they are (no upsampling of an S x S copy), the main branch sees them downsampled to S."""
+    torch.manual_seed(1)
+    head = FDSLHead([6, 10]).eval()
+    geom = WindowGeometry(grid=10, win=4, stride=3, patch=4, zoom=2.0, encode="shared")
+    g = torch.Generator().manual_seed(4)
+    support, images = torch.randn(2, 3, 80, 80, generator=g), torch.randn(2, 3, 80, 80, generator=g)
+    only = FDSLDetector(TinyCNN(), head, DetectorOptions(win_mode="onlywin", win_resolution="zoomed", fd_weight=1.0),
+                        geom, image_size=40)  # fmt: skip
+    assert (only.image_size, only.main_size) == (80, 40)
+    assert FDSLDetector(TinyCNN(), head, DetectorOptions(win_mode="onlywin"), geom, image_size=40).image_size == 40
+    only.setup("c", support)
+    refs = extract_levels(only.backbone(support).features, 1, (20, 20))  # the 80 px pixels themselves
+    queries = extract_levels(only.backbone(images).features, 1, (20, 20))
+    fd = [1 - feature_discrepancy(q, flatten_tokens(r))[1] for q, r in zip(queries, refs)]
+    assert torch.allclose(only.predict(images)[1], torch.stack(fd).mean(0), atol=1e-5)
+    down = F.interpolate(images, size=(40, 40), mode="bilinear", align_corners=False, antialias=True)
+    plain = FDSLDetector(TinyCNN(), head, DetectorOptions(fd_weight=1.0), image_size=40)
+    plain.setup("c", F.interpolate(support, size=(40, 40), mode="bilinear", align_corners=False, antialias=True))
+    mul = FDSLDetector(TinyCNN(), head, DetectorOptions(win_mode="mul", win_resolution="zoomed", fd_weight=1.0),
+                       geom, image_size=40)  # fmt: skip
+    mul.setup("c", support)
+    main = F.interpolate(plain.predict(down)[1][:, None], size=(20, 20), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(mul.predict(images)[1], 0.5 * main + 0.5 * only.predict(images)[1], atol=1e-5)
