@@ -276,8 +276,8 @@ class FDSLDetector:
         return self.shares_window_tokens and self.opts.win_resolution == "zoomed"
 
     def _main_input(self, images: torch.Tensor) -> torch.Tensor:
-        """The images at the main branch's side S (antialiased downsampling of zoomed inputs; else unchanged)."""
-        if images.shape[-1] == self.main_size:
+        """Zoomed inputs (`reads_zoomed_input`) downsampled (antialiased) to the main side S; others unchanged."""
+        if not self.reads_zoomed_input or images.shape[-1] == self.main_size:
             return images
         size = (self.main_size, self.main_size)
         return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)

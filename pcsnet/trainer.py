@@ -326,15 +326,16 @@ class PCSNetDetector:
         start = time.perf_counter()
         self.class_name = class_name
         hook = None if self.on_eval is None else lambda epoch, model: self.on_eval(class_name, epoch, model)
-        self.model, history = train_class(self.backbone, self.cfg, class_name, support_images, self.seed, self.progress,
-                                          on_eval=hook)  # fmt: skip
+        # the kNN term first (no training): --select best-of-evals' test passes during training score with it too
         self.knn = None
-        if self.cfg.knn_weight > 0:  # the support's kNN bank and its leave-one-out normal maps (no training)
+        if self.cfg.knn_weight > 0:  # the support's kNN bank and its leave-one-out normal maps
             size = self.cfg.image_size
             crop = size if self.cfg.resolved_resize() and support_images.shape[-1] > size else None  # as train_class
             with torch.no_grad():
                 levels = extract_levels(self.backbone, center_crop(support_images, crop).contiguous())
                 self.knn = SupportKNN().fit([levels[i] for i in self.knn_levels])
+        self.model, history = train_class(self.backbone, self.cfg, class_name, support_images, self.seed, self.progress,
+                                          on_eval=hook)  # fmt: skip
         self.train_seconds[class_name] = time.perf_counter() - start
         self.histories[class_name] = history
         if self.save_dir is not None and self.cfg.save_checkpoints:

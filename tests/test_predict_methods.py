@@ -163,9 +163,9 @@ def test_pcsnet_bad_config_exit_2(parts, tmp_path, capsys):
 def test_fdsl_without_checkpoint_uses_the_shipped_demo_head(parts):
     refs, queries, _ = parts
     assert fdsl_predict.DEMO_CHECKPOINT.is_file() and fdsl_predict.DEMO_CHECKPOINT.stat().st_size < 2_000_000
-    # fd_weight 0: the head's own map (the CNN default, 1, is the training-free FD map, whose sharper peak the resize to
-    # the image's own 80 x 96 moves by more than the tolerance below)
-    predictor = api.build_detector("fdsl", refs, image_size=64, image_score="map", fd_weight=0.0)
+    # fd_weight 0, knn_weight 0: the head's own map (the training-free FD and kNN maps have sharper peaks, which the
+    # resize to the image's own 80 x 96 moves by more than the tolerance below)
+    predictor = api.build_detector("fdsl", refs, image_size=64, image_score="map", fd_weight=0.0, knn_weight=0.0)
     assert predictor.detector.opts.fd_weight == 0.0
     score, anomaly_map = predictor.predict(str(queries / "crack_1.png"))
     assert anomaly_map.shape == (80, 96) and np.isfinite(score)
