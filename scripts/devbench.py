@@ -45,7 +45,7 @@ DEFAULT_VARIANTS = {  # name -> METHOD:ARGS
     # FDSL's training-free part: the standardised FD map with the default's kNN term, no head
     "fdsl_fd": "fdsl:--fd-weight 1",
     "fdsl_fdonly": "fdsl:--fd-weight 1 --knn-weight 0",  # the FD map alone
-    "fdsl_noknn": "fdsl:--knn-weight 0",  # the session-5 default: FD + ASL, no kNN term
+    "fdsl_noknn": "fdsl:--knn-weight 0",  # FD + ASL without the kNN term (session 5's default, which had sigma 4)
     # the paper's FD and fusion on a CNN: per-level matching, raw maps, the ASL map alone, transductive score
     "fdsl_paper": "fdsl:--fd-match level --map-norm none --fd-weight 0 --image-score paper --smooth-sigma 0",
     "pcsnet": "pcsnet:",
