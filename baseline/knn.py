@@ -71,10 +71,10 @@ class KNNDetector(nn.Module):
         nn_backend: `auto`, `torch` or `faiss`.
         coreset: fraction of the support patches kept in the bank by greedy k-center selection (PatchCore);
             1.0 keeps them all (exact nearest-neighbour search).
+        smooth_sigma: gaussian sigma (px) of the post-processing (PatchCore: 4).
         image_size: input side S (default: the backbone's); a multiple of its patch size.
     """
 
-    smooth_sigma = GAUSSIAN_SIGMA  # PatchCore's gaussian on the upsampled map
     eval_size = None  # metrics at the input size
     score_fusion = None  # the image score is the map maximum, per image
 
@@ -86,8 +86,10 @@ class KNNDetector(nn.Module):
         nn_backend: str = "auto",
         coreset: float = 1.0,
         image_size: int | None = None,
+        smooth_sigma: float = GAUSSIAN_SIGMA,
     ):
         super().__init__()
+        self.smooth_sigma = float(smooth_sigma)  # PatchCore's gaussian on the upsampled map
         self.backbone, self.pool, self.coreset, self.metric = backbone, pool, coreset, metric
         self.bank = MemoryBank(metric=metric, backend=nn_backend)
         self.class_name: str | None = None
@@ -145,10 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     def build(device: torch.device, meta: dict) -> KNNDetector:
         set_seed(cfg.seed)
         backbone = build_backbone(cfg.backbone, cfg.pretrained, layers, device, precision=cfg.precision)
-        detector = KNNDetector(backbone, cfg.metric, nn_backend=cfg.nn_backend, coreset=cfg.coreset,
-                               image_size=cfg.image_size)  # fmt: skip
-        detector.smooth_sigma = float(cfg.smooth_sigma)
-        return detector
+        return KNNDetector(backbone, cfg.metric, nn_backend=cfg.nn_backend, coreset=cfg.coreset,
+                           image_size=cfg.image_size, smooth_sigma=cfg.smooth_sigma)  # fmt: skip
 
     request = request_from(cfg, "knn", class_names=classes, progress=bool(cfg.progress), resume=bool(cfg.resume),
                            vis_dir=f"{cfg.save_dir}/vis" if cfg.vis else None,

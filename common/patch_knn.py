@@ -29,16 +29,21 @@ def knn_embed(features: list[torch.Tensor], pool: int = KNN_POOL) -> torch.Tenso
     return torch.cat(align_features(features), dim=1).permute(0, 2, 3, 1).float()
 
 
+def near_cells(h: int, w: int, radius: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(h*w, h*w) bool, row-major cells: True where two cells are at most `radius` apart (Chebyshev), itself included.
+    The k = 1 self-matches (here and fdsl.calibration) exclude these."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    return ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
+
+
 def self_nearest_distance(embedding: torch.Tensor, radius: int = SELF_EXCLUDE_RADIUS) -> torch.Tensor:
     """(h, w, C) one image's patches -> (h, w) euclidean distance of each to the nearest of its own patches more
     than `radius` cells away."""
     h, w, c = embedding.shape
     tokens = embedding.reshape(-1, c).float()
-    dist = torch.cdist(tokens, tokens)
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ys, xs = ys.flatten().to(tokens.device), xs.flatten().to(tokens.device)
-    near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
-    return dist.masked_fill(near, float("inf")).min(dim=1).values.reshape(h, w)
+    far = torch.cdist(tokens, tokens).masked_fill(near_cells(h, w, radius, tokens.device), float("inf"))
+    return far.min(dim=1).values.reshape(h, w)
 
 
 class SupportKNN:

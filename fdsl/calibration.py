@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fdsl.model import discrepancies, flatten_tokens
+from common.patch_knn import SELF_EXCLUDE_RADIUS, near_cells
+from fdsl.model import deviation_map, discrepancies, flatten_tokens
 
-# k = 1: a support patch is matched against the patches of its own image at least this many cells away (Chebyshev),
-# so its "nearest normal" is not itself or its overlapping neighbours.
-SELF_EXCLUDE_RADIUS = 2
+# k = 1: a support patch is matched against the patches of its own image at least SELF_EXCLUDE_RADIUS cells away
+# (Chebyshev), so its "nearest normal" is not itself or its overlapping neighbours.
 EPS = 1e-6
 
 
@@ -43,11 +43,7 @@ def _self_nearest(feature: torch.Tensor, radius: int) -> tuple[torch.Tensor, tor
     """Best cosine and index of each patch of (1, C, h, w) among its own patches farther than `radius` cells."""
     _, _, h, w = feature.shape
     tokens = flatten_tokens(feature.float())
-    sim = tokens @ tokens.T
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ys, xs = ys.flatten().to(feature.device), xs.flatten().to(feature.device)
-    near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
-    return sim.masked_fill(near, -2.0).max(dim=1)
+    return (tokens @ tokens.T).masked_fill(near_cells(h, w, radius, tokens.device), -2.0).max(dim=1)
 
 
 def _self_discrepancy(
@@ -61,11 +57,10 @@ def _self_discrepancy(
     _, idx = _self_nearest(torch.cat(levels, 1) / len(levels) ** 0.5, radius)
     out = []
     for feature in levels:
-        _, c, h, w = feature.shape
+        _, _, h, w = feature.shape
         tokens = flatten_tokens(feature.float())
         normal = tokens[idx]
-        deviation = tokens - normal if signed else (tokens - normal).abs()
-        out.append((deviation.reshape(1, h, w, c).permute(0, 3, 1, 2), (tokens * normal).sum(1).reshape(1, h, w)))
+        out.append((deviation_map(tokens, normal, signed, 1, h, w), (tokens * normal).sum(1).reshape(1, h, w)))
     return out
 
 

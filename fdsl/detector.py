@@ -211,9 +211,9 @@ class FDSLDetector:
         self.memory: dict[str, int] = {}
         self.knn: SupportKNN | None = None  # the kNN term's bank and normal spread (knn_weight > 0)
         if not 0.0 <= opts.knn_weight <= 1.0:
-            raise ValueError(f"knn_weight must be in [0, 1], got {opts.knn_weight}")
+            raise ValueError(f"--knn-weight must be in [0, 1] (got {opts.knn_weight:g})")
         if opts.knn_weight > 0 and opts.map_norm != "support":
-            raise ValueError("--knn-weight > 0 blends z-scores: it needs --map-norm support")
+            raise ValueError(f"--knn-weight {opts.knn_weight:g} needs --map-norm support (it blends z-scores)")
         if (self.calibrated or opts.fd_match == "joint") and self.uses_windows and not self.shares_window_tokens:
             raise ValueError("support calibration (--map-norm support, or a head trained with --input-norm support) "
                              "and --fd-match joint with LFE windows need --win-encode shared and --use-img-idx 0; for "

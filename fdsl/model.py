@@ -66,6 +66,14 @@ def flatten_tokens(feature: torch.Tensor) -> torch.Tensor:
     return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
 
 
+def deviation_map(tokens: torch.Tensor, normal: torch.Tensor, signed: bool, b: int, h: int, w: int) -> torch.Tensor:
+    """d = f - n (|f - n| unless `signed`) of (B*h*w, C) tokens and their normal components -> (B, C, h, w)."""
+    deviation = tokens - normal
+    if not signed:
+        deviation = deviation.abs()
+    return deviation.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+
 def feature_discrepancy(
     query: torch.Tensor, bank: torch.Tensor, signed: bool = False, chunk_size: int = 4096, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,20 +89,13 @@ def feature_discrepancy(
     Returns:
         deviation (B, C, h, w) float32 and max_cos (B, h, w), the cosine to the nearest reference patch.
     """
-    b, c, h, w = query.shape
+    b, _, h, w = query.shape
     tokens = flatten_tokens(query)
     dist, idx = nearest_neighbors(
         tokens.to(bank.dtype), bank, k=1, metric="cosine", chunk_size=chunk_size, backend=backend
     )
-    normal = bank.index_select(0, idx[:, 0]).float()  # n_i = M[argmax_j <f_i, M_j>]
-    deviation = tokens - normal  # d_i = f_i - n_i
-    if not signed:
-        deviation = deviation.abs()
-    deviation = deviation.reshape(b, h, w, c).permute(0, 3, 1, 2)
-    return deviation, (1.0 - dist[:, 0].float()).reshape(b, h, w)
-
-
-FD_MATCHES = ("level", "joint")
+    normal = bank.index_select(0, idx[:, 0]).float()  # n_i = M[argmax_j <f_i, M_j>]; d_i = f_i - n_i
+    return deviation_map(tokens, normal, signed, b, h, w), (1.0 - dist[:, 0].float()).reshape(b, h, w)
 
 
 def joint_discrepancy(
@@ -124,11 +125,7 @@ def joint_discrepancy(
     out = []
     for t, bank in zip(tokens, banks):
         normal = bank.index_select(0, idx[:, 0]).float()
-        cos = (t * normal).sum(1)
-        deviation = t - normal
-        if not signed:
-            deviation = deviation.abs()
-        out.append((deviation.reshape(b, h, w, -1).permute(0, 3, 1, 2), cos.reshape(b, h, w)))
+        out.append((deviation_map(t, normal, signed, b, h, w), (t * normal).sum(1).reshape(b, h, w)))
     return out
 
 

@@ -177,6 +177,17 @@ def _update(model: PCSNet, terms: dict[str, torch.Tensor], cfg: PCSNetConfig, op
 EvalHook = Callable[[int, PCSNet], None]  # (epoch, model in eval mode) -> None; --select best-of-evals
 
 
+def support_crop(cfg: PCSNetConfig, support: torch.Tensor) -> int | None:
+    """Paper mode: the centre crop to image_size of supports that arrive at the resize size (support given at
+    image_size, e.g. by a caller that squashed it already, is used as it is); None = no crop."""
+    return cfg.image_size if cfg.resolved_resize() and support.shape[-1] > cfg.image_size else None
+
+
+def clean_support_levels(backbone: Backbone, cfg: PCSNetConfig, support: torch.Tensor) -> Levels:
+    """Backbone levels of the (cropped) clean support images: computed once per class (the backbone is frozen)."""
+    return extract_levels(backbone, center_crop(support, support_crop(cfg, support)).contiguous())
+
+
 def train_class(
     backbone: Backbone,
     cfg: PCSNetConfig,
@@ -185,6 +196,7 @@ def train_class(
     seed: int,
     progress: bool = True,
     on_eval: EvalHook | None = None,
+    clean_levels: Levels | None = None,
 ) -> tuple[PCSNet, list[dict]]:
     """Train one class's PCSNet on its support images.
 
@@ -198,6 +210,7 @@ def train_class(
         progress: show a tqdm bar over epochs.
         on_eval: called after epochs 0, eval_every, 2 * eval_every, ... (the original's test points) with the model
             in eval mode; the global torch RNG is restored afterwards, so training continues as without it.
+        clean_levels: `clean_support_levels(backbone, cfg, support)` when the caller has them already.
 
     Returns:
         The trained model (eval mode) and the per-epoch mean loss terms.
@@ -206,10 +219,9 @@ def train_class(
     rng = np.random.default_rng(class_seed(seed, class_name))
     channels = [info.channels for info in backbone.feature_info]
     model = PCSNet(channels, cfg, rotation=class_name in cfg.rotation_classes).to(support.device)
-    # paper mode: crop what arrives at the resize size (support given at image_size, e.g. by a caller that squashed
-    # it already, is used as it is)
-    crop = cfg.image_size if cfg.resolved_resize() and support.shape[-1] > cfg.image_size else None
-    clean_levels = extract_levels(backbone, center_crop(support, crop).contiguous())  # once: the backbone is frozen
+    crop = support_crop(cfg, support)
+    if clean_levels is None:
+        clean_levels = clean_support_levels(backbone, cfg, support)
     proto_chunk = cfg.batch_size if cfg.prototype_bn == "train" else 8  # train-mode BN: the original's loader batch
     model.set_prototypes(clean_levels, chunk=proto_chunk)  # C from the initial descriptor, as the original
     if cfg.r_init == "auto":
@@ -327,15 +339,12 @@ class PCSNetDetector:
         self.class_name = class_name
         hook = None if self.on_eval is None else lambda epoch, model: self.on_eval(class_name, epoch, model)
         # the kNN term first (no training): --select best-of-evals' test passes during training score with it too
+        levels = clean_support_levels(self.backbone, self.cfg, support_images)  # one backbone pass for both
         self.knn = None
-        if self.cfg.knn_weight > 0:  # the support's kNN bank and its leave-one-out normal maps
-            size = self.cfg.image_size
-            crop = size if self.cfg.resolved_resize() and support_images.shape[-1] > size else None  # as train_class
-            with torch.no_grad():
-                levels = extract_levels(self.backbone, center_crop(support_images, crop).contiguous())
-                self.knn = SupportKNN().fit([levels[i] for i in self.knn_levels])
+        if self.cfg.knn_weight > 0:  # the support's kNN bank and its leave-one-out normal maps (no autograd inputs)
+            self.knn = SupportKNN().fit([levels[i] for i in self.knn_levels])
         self.model, history = train_class(self.backbone, self.cfg, class_name, support_images, self.seed, self.progress,
-                                          on_eval=hook)  # fmt: skip
+                                          on_eval=hook, clean_levels=levels)  # fmt: skip
         self.train_seconds[class_name] = time.perf_counter() - start
         self.histories[class_name] = history
         if self.save_dir is not None and self.cfg.save_checkpoints:

@@ -63,7 +63,8 @@ def main() -> None:
     for source in args.sources.split(","):
         ckpt = Path(args.heads) / GROUP[source] / "last.pth"
         state = load_checkpoint(ckpt)
-        cfg = TestConfig(dataset_root=args.data, checkpoint=str(ckpt), k_shot=1, seed=0, save_dir="x")
+        # knn_weight 0: the probe dumps the kNN map itself (KNNDetector), the detector's own term is not needed
+        cfg = TestConfig(dataset_root=args.data, checkpoint=str(ckpt), k_shot=1, seed=0, save_dir="x", knn_weight=0.0)
         det, _, _ = build_detector(cfg, state, device, meta)
         det.opts.fd_match = args.fd_match
         if args.feature_pool:
