@@ -37,8 +37,8 @@ PAPER_DATA_ROOT = "./data/mvtec"
 # The PCSNet options that are flags of main.py (`--image-size`, ...; generated from the PCSNetConfig fields, with
 # their help and default); every option, these included, is also a YAML key and a `--set KEY=VALUE`.
 FLAG_FIELDS = ("backbone", "pretrained", "image_size", "epochs", "grid_size", "cas_width", "refresh_prototypes",
-               "aug_pool", "batch_size", "pdc_mode", "fuse_pfa", "knn_weight", "num_workers", "precision",
-               "select")  # fmt: skip
+               "aug_pool", "batch_size", "pdc_mode", "fuse_pfa", "knn_weight", "knn_levels", "num_workers",
+               "precision", "select")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

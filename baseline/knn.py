@@ -38,6 +38,8 @@ class KNNConfig:
     backbone: str = _opt("efficientnet_lite0", "backbone name (common.backbones)")
     pretrained: str | None = _opt(None, "CLIP tag/file or WRN weights file")
     layers: str | None = _opt(None, "comma-separated backbone levels (default per backbone)")
+    grid_stride: int | None = _opt(None, "stride (px) of the map's grid; levels finer than it are area-averaged onto "
+                                   "it (default: the finest level's stride)")  # fmt: skip
     image_size: int | None = _opt(None, "input size (default: the backbone's)")
     metric: str = _opt("l2", "patch distance: l2 (PatchCore) or cosine (AnomalyDINO)", choices=("l2", "cosine"))
     nn_backend: str = _opt("auto", "auto: faiss on CPU (faster here), torch on CUDA",
@@ -73,6 +75,8 @@ class KNNDetector(nn.Module):
             1.0 keeps them all (exact nearest-neighbour search).
         smooth_sigma: gaussian sigma (px) of the post-processing (PatchCore: 4).
         image_size: input side S (default: the backbone's); a multiple of its patch size.
+        grid_stride: the map's grid is S / grid_stride (finer levels area-averaged onto it; `knn_embed`); default
+            the finest level's grid.
     """
 
     eval_size = None  # metrics at the input size
@@ -87,8 +91,10 @@ class KNNDetector(nn.Module):
         coreset: float = 1.0,
         image_size: int | None = None,
         smooth_sigma: float = GAUSSIAN_SIGMA,
+        grid_stride: int | None = None,
     ):
         super().__init__()
+        self.grid_stride = grid_stride
         self.smooth_sigma = float(smooth_sigma)  # PatchCore's gaussian on the upsampled map
         self.backbone, self.pool, self.coreset, self.metric = backbone, pool, coreset, metric
         self.bank = MemoryBank(metric=metric, backend=nn_backend)
@@ -98,7 +104,9 @@ class KNNDetector(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, h, w, C) locally pooled, level-concatenated patch features."""
-        return knn_embed(self.backbone(images).features, self.pool)
+        size = None if self.grid_stride is None else (images.shape[-2] // self.grid_stride,
+                                                      images.shape[-1] // self.grid_stride)  # fmt: skip
+        return knn_embed(self.backbone(images).features, self.pool, size)
 
     @torch.inference_mode()
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
@@ -129,6 +137,8 @@ def check_config(cfg: KNNConfig) -> None:
         raise UserError(f"--coreset must be in (0, 1] (got {cfg.coreset})")
     if cfg.image_size is not None and cfg.image_size < 1:
         raise UserError(f"--image-size must be positive (got {cfg.image_size})")
+    if cfg.grid_stride is not None and cfg.grid_stride < 1:
+        raise UserError(f"--grid-stride must be positive (got {cfg.grid_stride})")
 
 
 def build_parser():
@@ -148,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         set_seed(cfg.seed)
         backbone = build_backbone(cfg.backbone, cfg.pretrained, layers, device, precision=cfg.precision)
         return KNNDetector(backbone, cfg.metric, nn_backend=cfg.nn_backend, coreset=cfg.coreset,
-                           image_size=cfg.image_size, smooth_sigma=cfg.smooth_sigma)  # fmt: skip
+                           image_size=cfg.image_size, smooth_sigma=cfg.smooth_sigma,
+                           grid_stride=cfg.grid_stride)  # fmt: skip
 
     request = request_from(cfg, "knn", class_names=classes, progress=bool(cfg.progress), resume=bool(cfg.resume),
                            vis_dir=f"{cfg.save_dir}/vis" if cfg.vis else None,

@@ -12,7 +12,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,6 +58,7 @@ class FeatureInfo:
 class BackboneOutput:
     features: list[torch.Tensor]  # per level (B, C_l, H / s_l, W / s_l)
     pooled: torch.Tensor  # (B, D)
+    extra: dict[int, torch.Tensor] = field(default_factory=dict)  # level -> map of the levels added by `tap`
 
 
 _FORWARD_SECONDS = [0.0]  # wall time spent in every backbone's forward, this process
@@ -113,7 +114,15 @@ class Backbone(nn.Module):
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         with torch.autocast(x.device.type, dtype=dtype):
             out = self._features(x)
-        return BackboneOutput([f.float() for f in out.features], out.pooled.float())
+        extra = {level: f.float() for level, f in out.extra.items()}
+        return BackboneOutput([f.float() for f in out.features], out.pooled.float(), extra)
+
+    def tap(self, levels: Sequence[int]) -> Backbone:
+        """Also return these levels, in `BackboneOutput.extra`, from the same forward (`feature_info` and `features`
+        stay the declared levels). Only EfficientNet-Lite backbones can."""
+        if levels:
+            raise UserError(f"{self.name} cannot return extra levels {list(levels)} (only efficientnet_lite* can)")
+        return self
 
     def _features(self, x: torch.Tensor) -> BackboneOutput:
         raise NotImplementedError
@@ -202,21 +211,30 @@ class EfficientNetLiteBackbone(Backbone):
         super().__init__(name, info, (0.5,) * 3, (0.5,) * 3, 256, info[-1].channels)
         self.model, self.layers = model, tuple(layers)
         self._taps = {levels[i][0]: i for i in layers}
+        self._extra: dict[int, int] = {}  # block index -> level, for `tap`
         fuse_conv_bn(self.model)  # frozen BN folded into the convolutions: BN was ~27% of CPU time
         self.model.to(memory_format=torch.channels_last)  # ~2x CPU throughput
+
+    def tap(self, levels: Sequence[int]) -> EfficientNetLiteBackbone:
+        if any(not 0 <= i < len(_LITE_LEVEL_BLOCKS) for i in levels):
+            raise UserError(f"{self.name} has levels 0..4 (strides 2..32); cannot return {list(levels)}")
+        self._extra = {_LITE_LEVEL_BLOCKS[i][0]: i for i in levels if i not in self.layers}
+        return self
 
     def _features(self, x: torch.Tensor) -> BackboneOutput:
         m = self.model
         x = m.bn1(m.conv_stem(x.contiguous(memory_format=torch.channels_last)))
-        found = {}
+        found, extra, wanted = {}, {}, len(self._taps) + len(self._extra)
         for idx, stage in enumerate(m.blocks):
             x = stage(x)
             if idx in self._taps:
                 found[self._taps[idx]] = x
-            if len(found) == len(self._taps):
+            if idx in self._extra:
+                extra[self._extra[idx]] = x
+            if len(found) + len(extra) == wanted:
                 break
         features = [found[i] for i in self.layers]
-        return BackboneOutput(features, features[-1].mean(dim=(2, 3)))
+        return BackboneOutput(features, features[-1].mean(dim=(2, 3)), extra)
 
 
 EfficientNetLite0Backbone = EfficientNetLiteBackbone  # the session-1 name

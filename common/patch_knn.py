@@ -21,12 +21,19 @@ SELF_EXCLUDE_RADIUS = 2  # k = 1: patches closer than this many cells (Chebyshev
 EPS = 1e-6
 
 
-def knn_embed(features: list[torch.Tensor], pool: int = KNN_POOL) -> torch.Tensor:
+def knn_embed(features: list[torch.Tensor], pool: int = KNN_POOL, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Backbone levels [(B, C_l, h_l, w_l)] -> (B, h, w, sum C_l): 3 x 3 averaged (zero padding, as PatchCore's
-    reference code), aligned to the finest level's grid, concatenated along channels."""
+    reference code), aligned to one grid, concatenated along channels.
+
+    The grid is the finest level's, or `size`: levels finer than `size` are then area-averaged down to it (FDSL's
+    kNN term adds a stride-4 level on its stride-8 grid), coarser ones bilinearly upsampled as always.
+    """
     if pool > 1:
         features = [F.avg_pool2d(f, pool, stride=1, padding=pool // 2) for f in features]
-    return torch.cat(align_features(features), dim=1).permute(0, 2, 3, 1).float()
+    if size is not None:
+        size = (int(size[0]), int(size[1]))
+        features = [F.adaptive_avg_pool2d(f, size) if f.shape[-2] > size[0] else f for f in features]
+    return torch.cat(align_features(features, size), dim=1).permute(0, 2, 3, 1).float()
 
 
 def near_cells(h: int, w: int, radius: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -52,12 +59,13 @@ class SupportKNN:
     Args:
         pool: neighbourhood side of `knn_embed`.
         backend: nearest-neighbour backend of `common.memory_bank` (`auto`: faiss on CPU).
+        size: grid of the map (`knn_embed`; default the finest level's).
 
     After `fit`: `normal` (k, h, w) the leave-one-out distance maps of the support, and `mean`, `std`, `max` of them.
     """
 
-    def __init__(self, pool: int = KNN_POOL, backend: str = "auto") -> None:
-        self.pool, self.backend = pool, backend
+    def __init__(self, pool: int = KNN_POOL, backend: str = "auto", size: tuple[int, int] | None = None) -> None:
+        self.pool, self.backend, self.size = pool, backend, size
         self.bank = MemoryBank(metric="l2", backend=backend)
         self.normal: torch.Tensor | None = None
         self.mean = self.std = self.max = 0.0
@@ -65,7 +73,7 @@ class SupportKNN:
     def fit(self, features: list[torch.Tensor]) -> SupportKNN:
         """Bank of the k support images' patches from their backbone levels [(k, C_l, h_l, w_l)], and their
         leave-one-out normal maps."""
-        emb = knn_embed(features, self.pool)  # (k, h, w, C)
+        emb = knn_embed(features, self.pool, self.size)  # (k, h, w, C)
         self.bank.fit(emb.flatten(0, 2))
         self.normal = self.leave_one_out(emb)
         values = self.normal[torch.isfinite(self.normal)]  # k = 1 on a grid of <= 5 cells: some have no far patch
@@ -90,7 +98,7 @@ class SupportKNN:
 
     def distances(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Backbone levels of B query images -> (B, h, w) distance of each patch to its nearest support patch."""
-        emb = knn_embed(features, self.pool)
+        emb = knn_embed(features, self.pool, self.size)
         b, h, w, c = emb.shape
         return self.bank.search(emb.reshape(-1, c), k=1)[0].reshape(b, h, w)
 

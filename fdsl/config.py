@@ -45,6 +45,10 @@ CNN_SMOOTH_SIGMA = 2.0  # session 6: 2 beat 4 (84.4 / 92.3 / 80.0 vs 83.9 / 92.2
 # training-free maps fail on different sources (FD: coins, gravel; kNN: grass, the real textile defects), so the blend
 # beats both (README "Development benchmark"). Only with map_norm `support`; ViT and paper mode: 0.
 CNN_KNN_WEIGHT = 0.25
+# Session 7: the kNN term also reads the level below FDSL's finest (efficientnet_lite: level 1, stride 4, 24 channels,
+# area-averaged onto FDSL's stride-8 grid), from the same forward. As the baseline's levels, 1-3 on the 32 grid gave
+# kNN the same image AUROC and +0.7 / +1.6 pixel AUROC / AUPRO (k = 4, 3 seeds). `own` = FDSL's levels.
+CNN_KNN_LAYERS = "finer"
 
 
 _opt = config.option  # a dataclass field carrying its CLI help, choices, aliases (common.config)
@@ -195,6 +199,12 @@ class TestConfig:
         "b in (1 - b) * FDSL's map + b * the kNN baseline's distance map (3 x 3 pooled levels, euclidean, same "
         "backbone pass) standardised on the support (ours; needs --map-norm support); 0 = off (the paper). Default: "
         f"{CNN_KNN_WEIGHT} for CNN backbones with --map-norm support, else 0",
+    )
+    knn_layers: str | None = _opt(
+        None,
+        "backbone levels of the --knn-weight term, comma-separated (own = FDSL's levels; finer = FDSL's and the "
+        "one below its finest, from the same forward, averaged onto FDSL's grid; efficientnet_lite only). Default: "
+        f"{CNN_KNN_LAYERS} for efficientnet_lite backbones, else own",
     )
     coreset: float = _opt(
         1.0,

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from common.anomaly_map import upsample_map
-from common.backbones import Backbone
+from common.backbones import Backbone, BackboneOutput
 from common.contract import DetectorOutput, ScoreFusion, require_setup
 from common.memory_bank import greedy_coreset
 from common.patch_knn import SupportKNN
+from common.utils import UserError
 from fdsl.calibration import LevelStats, leave_one_out, level_stats, logit, standardise
 from fdsl.model import ASL_HIDDEN, FDSLHead, discrepancies, extract_levels, feature_discrepancy, flatten_tokens
 from fdsl.windows import (
@@ -60,6 +61,9 @@ class DetectorOptions:
     # b (ours, needs map_norm `support`): final map = (1 - b) * FDSL's map + b * the kNN baseline's distance map
     # (common/patch_knn.py, from the same backbone pass) in units of its normal spread on the support; 0 = off
     knn_weight: float = 0.0
+    # backbone levels of the kNN term; () = FDSL's own. Levels FDSL does not use come from the same forward
+    # (`Backbone.tap`); the term's map is on FDSL's grid, finer levels area-averaged down to it
+    knn_layers: tuple[int, ...] = ()
     score_from_map: bool = False  # image score = max of the post-processed final map (None to the evaluator)
     feature_pool: int = 1  # local average pooling before FD; must be the checkpoint's (fdsl.model.extract_levels)
     chunk_size: int = 4096  # query rows per similarity matmul
@@ -214,6 +218,12 @@ class FDSLDetector:
             raise ValueError(f"--knn-weight must be in [0, 1] (got {opts.knn_weight:g})")
         if opts.knn_weight > 0 and opts.map_norm != "support":
             raise ValueError(f"--knn-weight {opts.knn_weight:g} needs --map-norm support (it blends z-scores)")
+        if opts.knn_weight > 0 and opts.knn_layers:
+            own = tuple(getattr(backbone, "layers", ()))
+            try:
+                backbone.tap([level for level in opts.knn_layers if level not in own])
+            except UserError as exc:
+                raise ValueError(f"--knn-layers: {exc}") from exc
         if (self.calibrated or opts.fd_match == "joint") and self.uses_windows and not self.shares_window_tokens:
             raise ValueError("support calibration (--map-norm support, or a head trained with --input-norm support) "
                              "and --fd-match joint with LFE windows need --win-encode shared and --use-img-idx 0; for "
@@ -293,9 +303,16 @@ class FDSLDetector:
             out = self.backbone(images[start : start + self.opts.encode_batch])
             features.append(extract_levels(out.features, self.opts.feature_pool))
             if self.opts.knn_weight > 0:
-                raw.append(out.features)
+                raw.append(self._knn_levels(out))
         levels = [torch.cat([f[i] for f in features]) for i in range(len(features[0]))]
         return levels, [torch.cat([f[i] for f in raw]) for i in range(len(raw[0]))] if raw else []
+
+    def _knn_levels(self, out: BackboneOutput) -> list[torch.Tensor]:
+        """The kNN term's levels of one backbone pass: FDSL's own, or `knn_layers` (own or tapped)."""
+        if not self.opts.knn_layers:
+            return out.features
+        own = list(self.backbone.layers)
+        return [out.features[own.index(lv)] if lv in own else out.extra[lv] for lv in self.opts.knn_layers]
 
     @torch.inference_mode()
     def setup(self, class_name: str, support_images: torch.Tensor) -> None:
@@ -304,8 +321,8 @@ class FDSLDetector:
         self.knn = None
         support, raw = self._encode(self._main_input(support_images))
         self.bank = self._reduce([flatten_tokens(f) for f in support])  # M_l: (k*G*G, C)
-        if raw:
-            self.knn = SupportKNN().fit(raw)
+        if raw:  # on FDSL's grid
+            self.knn = SupportKNN(size=tuple(support[0].shape[-2:])).fit(raw)
         self.stats = self._calibrate(support) if self.calibrated else []
         self.win_stats = []
         if self.uses_windows:

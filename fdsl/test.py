@@ -15,18 +15,19 @@ import sys
 import torch
 
 from common import distributed
-from common.backbones import CNN_NAMES, align_features, build_backbone, resolve_image_size
+from common.backbones import CNN_NAMES, LITE_NAMES, Backbone, align_features, build_backbone, resolve_image_size
 from common.contract import minmax_fusion
 from common.evaluation import report_images_option
 from common.few_shot import sample_support
 from common.results import format_table
-from common.utils import UserError, cli_entry, resolve_workers
+from common.utils import UserError, cli_entry, parse_int_list, resolve_workers
 from data.dataset import load_images
 from fdsl.checkpoint import build_head, default_checkpoint, load_checkpoint, resolve_pretrained
 from fdsl.config import (
     CNN_FD_MATCH,
     CNN_FD_WEIGHT,
     CNN_IMAGE_SCORE,
+    CNN_KNN_LAYERS,
     CNN_KNN_WEIGHT,
     CNN_MAP_NORM,
     CNN_SMOOTH_SIGMA,
@@ -96,6 +97,23 @@ def resolve_test_config(cfg: TestConfig, state: dict) -> TestConfig:
     return cfg  # an explicit --knn-weight is checked by the detector (build_detector: one-line error)
 
 
+def resolve_knn_layers(text: str | None, backbone: Backbone) -> tuple[int, ...]:
+    """`--knn-layers` -> backbone levels of the kNN term (`own`: FDSL's; `finer`: plus the level below its finest,
+    efficientnet_lite only; default `finer` there, else `own`)."""
+    own = tuple(backbone.layers)
+    text = text or (CNN_KNN_LAYERS if backbone.name in LITE_NAMES else "own")
+    if text == "own":
+        return own
+    if text == "finer":
+        if backbone.name not in LITE_NAMES:
+            raise UserError(f"--knn-layers finer needs an efficientnet_lite backbone (got {backbone.name}); use own")
+        return own if min(own) == 0 else (min(own) - 1, *own)
+    levels = tuple(parse_int_list(text, "--knn-layers"))
+    if len(set(levels)) != len(levels):
+        raise UserError(f"--knn-layers {text!r} repeats a level")
+    return levels
+
+
 def build_detector(
     cfg: TestConfig, state: dict, device: torch.device, meta: dict
 ) -> tuple[FDSLDetector, TestConfig, dict]:
@@ -112,6 +130,8 @@ def build_detector(
     )
     head = build_head(state, backbone, cfg.checkpoint).to(device)
     resolve_image_size(backbone, cfg.image_size)
+    knn_layers = resolve_knn_layers(cfg.knn_layers, backbone) if cfg.knn_weight > 0 else ()
+    cfg = dataclasses.replace(cfg, knn_layers=",".join(map(str, knn_layers)) or None)
     with torch.inference_mode():  # the finest level's grid = the windows' grid
         probe = backbone(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device))
     grid = align_features(probe.features)[0].shape[-1]
@@ -140,6 +160,7 @@ def build_detector(
         map_norm=cfg.map_norm,
         fd_match=cfg.fd_match,
         knn_weight=cfg.knn_weight,
+        knn_layers=knn_layers if knn_layers != tuple(backbone.layers) else (),
         input_norm=trained.get("input_norm") or "none",  # checkpoints from before the option: none
         signed=bool(trained.get("signed", 0)),
         feature_pool=int(trained.get("feature_pool") or 1),
@@ -175,6 +196,7 @@ def results_extra(cfg: TestConfig, state: dict, runtime: dict) -> dict:
         "map_norm": cfg.map_norm,
         "fd_match": cfg.fd_match,
         "knn_weight": cfg.knn_weight,
+        "knn_layers": cfg.knn_layers,  # backbone levels of the kNN term (None: no term)
         "input_norm": state["config"].get("input_norm") or "none",
         "coreset": cfg.coreset,
         "smooth_sigma": cfg.smooth_sigma,

@@ -106,9 +106,12 @@ class PCSNetConfig:
                          "the adapted support, as the paper's PFA) | support (every adapted support patch; ours)",
                          choices=("prototypes", "support"))  # fmt: skip
     fuse_pfa: float = _opt(1.0, "weight x the support-normalised PFA distance map added to the CAS map (paper 0)")
-    knn_weight: float = _opt(0.5, "weight x the kNN baseline's distance map (3 x 3 pooled levels 2 and 3, euclidean, "
-                             "same backbone pass; common/patch_knn.py), normalised by its leave-one-out maximum on "
-                             "the support, added to the map (ours, chosen on the dev benchmark; paper 0)")  # fmt: skip
+    knn_weight: float = _opt(0.5, "weight x the kNN baseline's distance map (3 x 3 pooled levels, euclidean, same "
+                             "backbone pass; common/patch_knn.py), normalised by its leave-one-out maximum on the "
+                             "support, added to the map (ours, chosen on the dev benchmark; paper 0)")  # fmt: skip
+    knn_levels: str = _opt("all", "levels of the kNN term: all = every PCSNet level, finer ones area-averaged onto "
+                           "the grid (ours, chosen on the dev benchmark, session 7) | baseline = the kNN baseline's "
+                           "(lite0: 2 and 3; session 6)", choices=("baseline", "all"))  # fmt: skip
     smooth_sigma: float = _opt(4.0, "gaussian sigma on the map before the image score, its max (paper 4)")
     test_batch_size: int = _opt(8, "test batch size")
     num_workers: int | None = _opt(None, "DataLoader workers decoding test images; None = 0 on CPU, CPUs - 1 (<= 4) "

@@ -320,7 +320,10 @@ class PCSNetDetector:
         self.mean, self.std, self.image_size = backbone.mean, backbone.std, int(cfg.image_size)
         self.smooth_sigma, self.eval_size, self.score_fusion = float(cfg.smooth_sigma), None, None
         self.knn: SupportKNN | None = None  # the kNN term of the class set up (cfg.knn_weight > 0)
-        self.knn_levels = knn_level_positions(cfg.backbone, tuple(cfg.layers))
+        every = cfg.knn_levels == "all"
+        layers = tuple(cfg.layers)
+        self.knn_levels = list(range(len(layers))) if every else knn_level_positions(cfg.backbone, layers)
+        self.knn_grid = (cfg.resolved_grid(),) * 2 if every else None  # the term's map on PCSNet's grid
 
     def report(self) -> dict:
         """The class last set up: its training seconds, final losses and, with an `on_eval` hook that keeps `evals`,
@@ -342,7 +345,7 @@ class PCSNetDetector:
         levels = clean_support_levels(self.backbone, self.cfg, support_images)  # one backbone pass for both
         self.knn = None
         if self.cfg.knn_weight > 0:  # the support's kNN bank and its leave-one-out normal maps (no autograd inputs)
-            self.knn = SupportKNN().fit([levels[i] for i in self.knn_levels])
+            self.knn = SupportKNN(size=self.knn_grid).fit([levels[i] for i in self.knn_levels])
         self.model, history = train_class(self.backbone, self.cfg, class_name, support_images, self.seed, self.progress,
                                           on_eval=hook, clean_levels=levels)  # fmt: skip
         self.train_seconds[class_name] = time.perf_counter() - start

@@ -38,6 +38,8 @@ BACKBONE = "efficientnet_lite0"
 DEFAULT_VARIANTS = {  # name -> METHOD:ARGS
     "knn": "knn:",
     "knn_s2": "knn:--smooth-sigma 2",  # kNN with FDSL's CNN smoothing (sigma 2 instead of PatchCore's 4)
+    # kNN on the levels both methods' kNN terms use (lite0 1-3, level 1 area-averaged onto the stride-8 grid)
+    "knn_l123": "knn:--layers 1,2,3 --grid-stride 8",
     # the command's defaults (CNN: joint FD, support-standardised FD and ASL maps, 0.8 FD + 0.2 ASL, 0.25 kNN map,
     # map score)
     "fdsl": "fdsl:",

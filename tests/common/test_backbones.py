@@ -217,3 +217,21 @@ def test_fp16_without_cuda_and_unknown_precision_are_user_errors():
         build_backbone(TINY_VIT, precision="fp16")
     with pytest.raises(UserError, match="precision"):
         build_backbone(TINY_VIT, precision="int4")
+
+
+def test_tapped_level_equals_the_backbone_built_with_it():
+    """`tap(levels)` returns those levels in `extra` from the same forward; the declared levels are unchanged."""
+    tapped = build_backbone("efficientnet_lite0").tap([1])
+    both = build_backbone("efficientnet_lite0", layers=[1, 2, 3])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out, ref = tapped(x), both(x)
+    assert [f.shape[1] for f in out.features] == [info.channels for info in tapped.feature_info] == [40, 112]
+    assert set(out.extra) == {1} and out.extra[1].shape == (2, 24, 16, 16)
+    assert torch.equal(out.extra[1], ref.features[0])
+    assert torch.equal(out.features[0], ref.features[1]) and torch.equal(out.features[1], ref.features[2])
+    assert build_backbone("efficientnet_lite0").tap([2])(x).extra == {}  # a declared level is not repeated
+    with pytest.raises(UserError, match="levels 0..4"):
+        tapped.tap([7])
+    with pytest.raises(UserError, match="cannot return extra levels"):
+        build_backbone(TINY_VIT).tap([1])

@@ -97,3 +97,23 @@ def test_knn_baseline_map_is_the_support_knn_distance():
     det.setup("c", support)
     term = SupportKNN(backend="torch").fit(backbone(support).features)
     assert torch.allclose(det.predict(query).anomaly_map, term.distances(backbone(query).features), atol=1e-5)
+    coarse = KNNDetector(backbone, nn_backend="torch", grid_stride=8)  # `--grid-stride 8`: the 4 x 4 grid
+    coarse.setup("c", support)
+    term = SupportKNN(backend="torch", size=(4, 4)).fit(backbone(support).features)
+    amap = coarse.predict(query).anomaly_map
+    assert amap.shape == (3, 4, 4)
+    assert torch.allclose(amap, term.distances(backbone(query).features), atol=1e-5)
+
+
+def test_embedding_on_a_coarser_grid_area_averages_the_finer_levels():
+    """`size`: a level finer than the grid is 3 x 3 pooled at its own resolution, then each grid cell is the mean of
+    the cells it covers; a level on the grid is only pooled."""
+    g = torch.Generator().manual_seed(3)
+    fine, grid = torch.randn(1, 2, 8, 8, generator=g), torch.randn(1, 3, 4, 4, generator=g)
+    emb = knn_embed([fine, grid], size=(4, 4))
+    assert emb.shape == (1, 4, 4, 5)
+    for y, x in [(0, 0), (1, 2), (3, 3)]:
+        cells = [_pooled_by_hand(fine[0], 2 * y + dy, 2 * x + dx) for dy in (0, 1) for dx in (0, 1)]
+        assert torch.allclose(emb[0, y, x, :2], torch.stack(cells).mean(0), atol=1e-6)
+        assert torch.allclose(emb[0, y, x, 2:], _pooled_by_hand(grid[0], y, x), atol=1e-6)
+    assert torch.equal(knn_embed([fine, grid], size=(8, 8)), knn_embed([fine, grid]))  # level 0's grid: as before

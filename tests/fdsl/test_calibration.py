@@ -249,3 +249,78 @@ def test_knn_weight_blends_the_knn_baseline_z_map_by_hand(k):
     assert (amap - map0).abs().max() > 0.05  # the term changes the map: the check can fail
     with pytest.raises(ValueError, match="map-norm support"):
         FDSLDetector(TwoLevels(), plain.head, DetectorOptions(map_norm="none", knn_weight=0.25))
+
+
+class TappableTwoLevels(TwoLevels):
+    """TwoLevels declared as levels 1 and 2 of a backbone whose level 0 (2 px patch means) can be tapped."""
+
+    layers = (1, 2)
+
+    def __init__(self):
+        super().__init__()
+        self.tapped = ()
+
+    def tap(self, levels):
+        self.tapped = tuple(levels)
+        return self
+
+    def forward(self, x):
+        out = super().forward(x)
+        out.extra = {0: F.avg_pool2d(x, 2) - 0.2} if 0 in self.tapped else {}
+        return out
+
+
+@torch.no_grad()
+def test_knn_layers_add_a_tapped_finer_level_averaged_onto_fdsl_grid():
+    """`knn_layers` (0, 1, 2): the term's distance is on the embedding of the tapped level 0 and FDSL's levels,
+    on FDSL's grid (knn_embed with size, checked by hand in tests/common/test_patch_knn.py); FDSL's own map is the
+    same as without it."""
+    from common.patch_knn import knn_embed
+
+    support, queries = _images(3, 1), _images(2, 5)
+    opts = {"map_norm": "support", "fd_weight": 0.8, "knn_weight": 0.25}
+    backbone = TappableTwoLevels()
+    plain = FDSLDetector(TappableTwoLevels(), FDSLHead([3, 3]).eval(), DetectorOptions(**opts))
+    finer = FDSLDetector(backbone, plain.head, DetectorOptions(**opts, knn_layers=(0, 1, 2)))
+    assert backbone.tapped == (0,)
+    plain.setup("c", support)
+    finer.setup("c", support)
+
+    def embed(x):
+        out = backbone(x)
+        return knn_embed([out.extra[0], *out.features], size=out.features[0].shape[-2:])
+
+    emb_s, emb_q = embed(support), embed(queries)
+    k, g, _, c = emb_s.shape
+    normal = torch.cat([torch.cdist(emb_s[i].reshape(-1, c), torch.cat([emb_s[:i], emb_s[i + 1 :]]).reshape(-1, c))
+                        .min(1).values for i in range(k)])  # fmt: skip
+    d = torch.cdist(emb_q.reshape(-1, c), emb_s.reshape(-1, c)).min(1).values.reshape(2, g, g)
+    z_finer = (d - normal.mean()) / normal.std(unbiased=False)
+    z_own = plain.knn.zscores(plain._encode(queries)[1])
+    assert emb_s.shape[-1] == 9 and g == 8  # 3 + 3 + 3 channels on FDSL's 4 px grid
+    _, map_plain = plain.predict(queries)
+    _, map_finer = finer.predict(queries)
+    fdsl_map = (map_plain - 0.25 * z_own) / 0.75
+    assert torch.allclose(map_finer, 0.75 * fdsl_map + 0.25 * z_finer, atol=1e-3)
+    assert (z_finer - z_own).abs().max() > 0.05  # the extra level changes the term: the check can fail
+
+
+def test_knn_layers_resolve_per_backbone():
+    from types import SimpleNamespace
+
+    from common.utils import UserError
+    from fdsl.test import resolve_knn_layers
+
+    lite = SimpleNamespace(name="efficientnet_lite0", layers=(2, 3))
+    wrn = SimpleNamespace(name="wide_resnet50_2", layers=(1, 2, 3))
+    assert resolve_knn_layers(None, lite) == (1, 2, 3)  # the CNN default: one level below FDSL's finest
+    assert resolve_knn_layers("own", lite) == (2, 3)
+    assert resolve_knn_layers("0,2,3", lite) == (0, 2, 3)
+    assert resolve_knn_layers(None, wrn) == (1, 2, 3)  # own
+    assert resolve_knn_layers("finer", SimpleNamespace(name="efficientnet_lite0", layers=(0, 1))) == (0, 1)
+    with pytest.raises(UserError, match="needs an efficientnet_lite"):
+        resolve_knn_layers("finer", wrn)
+    with pytest.raises(UserError, match="repeats"):
+        resolve_knn_layers("2,2", lite)
+    with pytest.raises(UserError, match="comma-separated integers"):
+        resolve_knn_layers("two", lite)

@@ -153,7 +153,7 @@ def test_knn_weight_adds_the_knn_baseline_map_over_its_support_maximum_by_hand(k
 
     backbone, sup, images = ToyBackbone(), support(k), support(4)[:3]
     plain = PCSNetDetector(backbone, cfg(knn_weight=0.0), seed=1, progress=False)
-    blend = PCSNetDetector(backbone, cfg(knn_weight=0.5), seed=1, progress=False)
+    blend = PCSNetDetector(backbone, cfg(knn_weight=0.5, knn_levels="baseline"), seed=1, progress=False)
     plain.setup("c", sup)
     blend.setup("c", sup)
     with torch.no_grad():
@@ -172,3 +172,27 @@ def test_knn_weight_adds_the_knn_baseline_map_over_its_support_maximum_by_hand(k
     expected = plain.predict(images)[1] + 0.5 * upsample_map(d / peak, SIZE)
     assert torch.allclose(blend.predict(images)[1], expected, rtol=1e-4, atol=1e-4)
     assert (expected - plain.predict(images)[1]).abs().max() > 0.05
+
+
+def test_knn_levels_all_adds_every_level_on_the_grid():
+    """`knn_levels: all`: the term's embedding has every PCSNet level, the finer ones area-averaged onto PCSNet's
+    grid (knn_embed with size, checked by hand in tests/common/test_patch_knn.py); k = 2, one leave-one-out peak."""
+    from common.anomaly_map import upsample_map
+    from common.patch_knn import knn_embed
+    from pcsnet.trainer import extract_levels
+
+    backbone, sup, images = ToyBackbone(), support(2), support(4)[:3]
+    plain = PCSNetDetector(backbone, cfg(knn_weight=0.0, grid_stride=8), seed=1, progress=False)
+    every = PCSNetDetector(backbone, cfg(knn_weight=0.5, grid_stride=8, knn_levels="all"), seed=1, progress=False)
+    plain.setup("c", sup)
+    every.setup("c", sup)
+    with torch.no_grad():
+        emb_s = knn_embed(extract_levels(backbone, sup), size=(4, 4))
+        emb_q = knn_embed(extract_levels(backbone, images), size=(4, 4))
+    assert emb_s.shape == (2, 4, 4, 4 + 6 + 8)
+    c = emb_s.shape[-1]
+    peak = max(float(torch.cdist(emb_s[i].reshape(-1, c), emb_s[1 - i].reshape(-1, c)).min(1).values.max())
+               for i in range(2))  # fmt: skip
+    d = torch.cdist(emb_q.reshape(-1, c), emb_s.reshape(-1, c)).min(1).values.reshape(3, 4, 4)
+    expected = plain.predict(images)[1] + 0.5 * upsample_map(d / peak, SIZE)
+    assert torch.allclose(every.predict(images)[1], expected, rtol=1e-4, atol=1e-4)
