@@ -112,7 +112,8 @@ class PCSNetConfig:
     knn_levels: str = _opt("all", "levels of the kNN term: all = every PCSNet level, finer ones area-averaged onto "
                            "the grid (ours, chosen on the dev benchmark, session 7) | baseline = the kNN baseline's "
                            "(lite0: 2 and 3; session 6)", choices=("baseline", "all"))  # fmt: skip
-    smooth_sigma: float = _opt(4.0, "gaussian sigma on the map before the image score, its max (paper 4)")
+    smooth_sigma: float = _opt(2.0, "gaussian sigma on the map before the image score, its max (ours: 2, chosen on the "
+                               "dev benchmark, session 7; paper 4)")  # fmt: skip
     test_batch_size: int = _opt(8, "test batch size")
     num_workers: int | None = _opt(None, "DataLoader workers decoding test images; None = 0 on CPU, CPUs - 1 (<= 4) "
                                    "on CUDA")  # fmt: skip
