@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 PREDICT_FIELDS = ("checkpoint", "image_score", "win_mode", "win_size", "win_stride", "win_weight", "win_zoom",
                   "win_encode", "win_use_nam", "use_nam", "use_img_idx", "fd_weight", "map_norm", "fd_match",
                   "knn_weight", "knn_layers", "coreset", "backbone", "pretrained", "image_size", "precision",
-                  "smooth_sigma",
-                  "eval_size", "chunk_size")  # fmt: skip
+                  "smooth_sigma", "eval_size", "chunk_size")  # fmt: skip
 # Where predict differs from fdsl.test: no test set, so no transductive `paper` fusion: each image's own score.
 PREDICT_DEFAULTS = {"image_score": None}  # None: `map` for CNN backbones (fdsl.test's default), `max` for ViTs
 PREDICT_IMAGE_SCORES = ("max", "map")
