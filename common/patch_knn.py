@@ -32,7 +32,8 @@ def knn_embed(features: list[torch.Tensor], pool: int = KNN_POOL, size: tuple[in
         features = [F.avg_pool2d(f, pool, stride=1, padding=pool // 2) for f in features]
     if size is not None:
         size = (int(size[0]), int(size[1]))
-        features = [F.adaptive_avg_pool2d(f, size) if f.shape[-2] > size[0] else f for f in features]
+        features = [F.adaptive_avg_pool2d(f, size) if f.shape[-2] > size[0] or f.shape[-1] > size[1] else f
+                    for f in features]  # fmt: skip
     return torch.cat(align_features(features, size), dim=1).permute(0, 2, 3, 1).float()
 
 

@@ -61,8 +61,8 @@ class DetectorOptions:
     # b (ours, needs map_norm `support`): final map = (1 - b) * FDSL's map + b * the kNN baseline's distance map
     # (common/patch_knn.py, from the same backbone pass) in units of its normal spread on the support; 0 = off
     knn_weight: float = 0.0
-    # backbone levels of the kNN term; () = FDSL's own. Levels FDSL does not use come from the same forward
-    # (`Backbone.tap`); the term's map is on FDSL's grid, finer levels area-averaged down to it
+    # backbone levels of the kNN term (fdsl.test.resolve_knn_layers); () = FDSL's own. Levels FDSL does not use come
+    # from the same forward (`Backbone.tap`); the term's map is on FDSL's grid, finer levels area-averaged down to it
     knn_layers: tuple[int, ...] = ()
     score_from_map: bool = False  # image score = max of the post-processed final map (None to the evaluator)
     feature_pool: int = 1  # local average pooling before FD; must be the checkpoint's (fdsl.model.extract_levels)

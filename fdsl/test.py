@@ -160,7 +160,7 @@ def build_detector(
         map_norm=cfg.map_norm,
         fd_match=cfg.fd_match,
         knn_weight=cfg.knn_weight,
-        knn_layers=knn_layers if knn_layers != tuple(backbone.layers) else (),
+        knn_layers=knn_layers,
         input_norm=trained.get("input_norm") or "none",  # checkpoints from before the option: none
         signed=bool(trained.get("signed", 0)),
         feature_pool=int(trained.get("feature_pool") or 1),
